@@ -1,0 +1,44 @@
+# Set-up and everyday commands. Everything installs into ./.venv from pyproject.toml.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= .llava
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# DeepSpeed picks its accelerator at import time; these machines have none, GPU images unset this.
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: run test install install-dev lint bench-train bench-serve clean
+
+$(BIN)/llavactl: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(BIN)/llavactl
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/llavactl
+install-dev: $(VENV)/.dev
+
+# The main job end to end on the embedded default (local Ray, sqlite MLflow, files under $(WORKDIR)).
+run: install
+	$(BIN)/llavactl run --workdir $(WORKDIR)
+
+test: install-dev
+	bash tools/install_helm.sh
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+bench-train: install-dev
+	$(BIN)/python benchmarks/train_throughput.py
+
+bench-serve: install-dev
+	$(BIN)/python benchmarks/serve_load.py
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .tools

@@ -1,0 +1,1 @@
+"""LLaVA model library: torch + transformers only."""

@@ -1,0 +1,1 @@
+"""LLaVA records to model inputs: templates, label masks, images, collation, synthetic data."""

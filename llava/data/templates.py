@@ -1,0 +1,178 @@
+"""Prompt templates: one Python renderer (for training, with character spans of the supervised
+text) and one Jinja chat template (saved with the processor, for inference) per template.
+
+Both describe the same string; tests assert that they agree. The supervised spans are what the
+label mask is computed from: they cover each assistant answer *and* its end-of-turn token, and
+start at the separator that precedes the answer, because byte-level and sentencepiece tokenizers
+glue that space onto the answer's first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGE_TOKEN = "<image>"
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+class TemplateError(ValueError):
+    """A conversation that the template cannot render (wrong role order, unknown role...)."""
+
+
+@dataclass
+class RenderedPrompt:
+    text: str
+    # Half-open character ranges [start, end) of supervised text.
+    supervised: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    eos: str  # end-of-turn token text appended after each answer
+    chat_template: str  # Jinja, for LlavaProcessor / tokenizer.apply_chat_template
+
+    def render(self, messages: list[dict]) -> RenderedPrompt:
+        return _RENDERERS[self.name](messages, self.eos)
+
+    def generation_prompt(self, messages: list[dict]) -> str:
+        """Rendered history followed by the opening of an assistant turn."""
+        return self.render(messages).text + _GEN_PROMPT[self.name]
+
+
+def _split_system(messages: list[dict], default: str) -> tuple[str, list[dict]]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return default, messages
+
+
+def _check_alternation(turns: list[dict]) -> None:
+    for i, msg in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != want:
+            raise TemplateError(f"turn {i} has role {msg['role']!r}, expected {want!r} (turns must alternate)")
+
+
+def _render_vicuna(messages: list[dict], eos: str) -> RenderedPrompt:
+    system, turns = _split_system(messages, VICUNA_SYSTEM)
+    _check_alternation(turns)
+    out = RenderedPrompt(system + " ")
+    for msg in turns:
+        if msg["role"] == "user":
+            out.text += "USER: " + msg["content"] + " "
+        else:
+            out.text += "ASSISTANT:"
+            start = len(out.text)
+            out.text += " " + msg["content"] + eos
+            out.supervised.append((start, len(out.text)))
+    return out
+
+
+def _render_chatml(messages: list[dict], eos: str) -> RenderedPrompt:
+    system, turns = _split_system(messages, "You are a helpful assistant.")
+    _check_alternation(turns)
+    out = RenderedPrompt(f"<|im_start|>system\n{system}{eos}\n")
+    for msg in turns:
+        out.text += f"<|im_start|>{msg['role']}\n"
+        if msg["role"] == "user":
+            out.text += msg["content"] + eos + "\n"
+        else:
+            start = len(out.text)
+            out.text += msg["content"] + eos
+            out.supervised.append((start, len(out.text)))
+            out.text += "\n"
+    return out
+
+
+def _render_plain(messages: list[dict], eos: str) -> RenderedPrompt:
+    """Stage-1 alignment: the image(s), then the caption; the instruction text is not shown."""
+    _, turns = _split_system(messages, "")
+    _check_alternation(turns)
+    if len(turns) != 2:
+        raise TemplateError(f"plain template takes one user turn and one answer, got {len(turns)} turns")
+    n_images = turns[0]["content"].count(IMAGE_TOKEN)
+    out = RenderedPrompt(IMAGE_TOKEN * n_images)
+    start = len(out.text)
+    out.text += turns[1]["content"] + eos
+    out.supervised.append((start, len(out.text)))
+    return out
+
+
+_RENDERERS = {"vicuna_v1": _render_vicuna, "chatml": _render_chatml, "plain": _render_plain}
+_GEN_PROMPT = {"vicuna_v1": "ASSISTANT:", "chatml": "<|im_start|>assistant\n", "plain": ""}
+
+# Content may be a string (may hold <image> placeholders) or a list of OpenAI-style parts; an image
+# part renders as "<image>\n", the form LLaVA records use ("<image>\nWhat is ...").
+# Every literal is a {{ '...' }} expression, so no whitespace outside the tags reaches the output.
+_CONTENT_MACRO = (
+    "{% macro content(m) %}"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' or p['type'] == 'image_url' %}{{ '<image>\\n' }}"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endmacro %}"
+)
+
+
+def _lit(text: str) -> str:
+    return "{{ " + repr(text) + " }}"
+
+
+def _system_block(default: str) -> str:
+    return (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set system = content(messages[0]) %}{% set turns = messages[1:] %}"
+        "{% else %}"
+        "{% set system = " + repr(default) + " %}{% set turns = messages %}"
+        "{% endif %}"
+    )
+
+
+def _vicuna_jinja(eos: str) -> str:
+    return (
+        _CONTENT_MACRO + _system_block(VICUNA_SYSTEM) + "{{ system }}" + _lit(" ")
+        + "{% for m in turns %}"
+        "{% if m['role'] == 'user' %}" + _lit("USER: ") + "{{ content(m) }}" + _lit(" ")
+        + "{% else %}" + _lit("ASSISTANT: ") + "{{ content(m) }}" + _lit(eos) + "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}" + _lit("ASSISTANT:") + "{% endif %}"
+    )
+
+
+def _chatml_jinja(eos: str) -> str:
+    return (
+        _CONTENT_MACRO + _system_block("You are a helpful assistant.")
+        + _lit("<|im_start|>system\n") + "{{ system }}" + _lit(eos + "\n")
+        + "{% for m in turns %}"
+        + _lit("<|im_start|>") + "{{ m['role'] }}" + _lit("\n") + "{{ content(m) }}" + _lit(eos + "\n")
+        + "{% endfor %}"
+        "{% if add_generation_prompt %}" + _lit("<|im_start|>assistant\n") + "{% endif %}"
+    )
+
+
+def _plain_jinja(eos: str) -> str:
+    return (
+        _CONTENT_MACRO + "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}{{ '<image>' * (content(m).count('<image>')) }}"
+        "{% elif m['role'] == 'assistant' %}{{ content(m) }}" + _lit(eos) + "{% endif %}"
+        "{% endfor %}"
+    )
+
+
+TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml")
+
+
+def get_template(name: str, *, eos_token: str = "</s>") -> Template:
+    """`eos_token` is the tokenizer's end-of-sequence text; chatml always ends turns with <|im_end|>."""
+    if name == "vicuna_v1":
+        return Template(name, eos_token, _vicuna_jinja(eos_token))
+    if name == "chatml":
+        return Template(name, "<|im_end|>", _chatml_jinja("<|im_end|>"))
+    if name == "plain":
+        return Template(name, "\n", _plain_jinja("\n"))
+    raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")

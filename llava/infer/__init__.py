@@ -1,0 +1,1 @@
+"""Inference: batched and streaming generation shared by evaluation and serving."""

@@ -1,0 +1,1 @@
+"""Assemble vision encoder + projector + language model as a transformers `LlavaForConditionalGeneration`."""

@@ -1,0 +1,1 @@
+"""Control plane of llava-platform: CLI, configuration, storage, tracking, registry, serving."""

@@ -1,0 +1,258 @@
+"""Turn any model reference the platform accepts into a local llava-hf directory.
+
+Accepted forms:
+- a local directory (or `file://` URI);
+- `runs:/<run_id>/<artifact path>`: artifacts of an MLflow run;
+- `models:/<name>@<alias>` or `models:/<name>/<version>`: a registry version (alias resolved first);
+- `s3://bucket/prefix`: objects under a prefix of any S3-compatible store (endpoint from
+  AWS_ENDPOINT_URL / the storage module).
+
+Remote models are downloaded once into a cache keyed by what identifies their content (run id +
+path, registry version's run + source, S3 keys with ETags), so resolving the same thing again does
+not download again. A download goes to a temporary directory that is renamed into place only when
+complete, so an interrupted download is never mistaken for a cached model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+# Marker written last into a cache entry; entries without it are incomplete and ignored.
+COMPLETE_MARKER = ".llava-complete.json"
+
+
+class ModelURIError(ValueError):
+    """A model reference that cannot be resolved (bad form, missing model, not a model directory)."""
+
+
+def default_cache_dir() -> Path:
+    explicit = os.environ.get("LLAVA_MODEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava" / "models"
+
+
+def resolve_model_dir(
+    uri: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    tracking_uri: str | None = None,
+    client: MlflowClient | None = None,
+) -> Path:
+    """A local directory holding the llava-hf model `uri` refers to (see module docstring)."""
+    text = os.fspath(uri)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if text.startswith("file://"):
+        text = urlparse(text).path
+    if "://" not in text and not text.startswith(("runs:/", "models:/")):
+        return _check_model_dir(Path(text).expanduser(), text)
+    if text.startswith("runs:/"):
+        run_id, path = _split_runs_uri(text)
+        return _resolve_run_artifacts(_mlflow_client(client, tracking_uri), run_id, path, cache, text)
+    if text.startswith("models:/"):
+        return _resolve_registry(_mlflow_client(client, tracking_uri), text, cache, tracking_uri)
+    if text.startswith("s3://"):
+        return _resolve_s3(text, cache)
+    raise ModelURIError(f"unsupported model URI {text!r}: use a path, runs:/, models:/ or s3://")
+
+
+def _mlflow_client(client: MlflowClient | None, tracking_uri: str | None) -> MlflowClient:
+    if client is not None:
+        return client
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _check_model_dir(path: Path, uri: str) -> Path:
+    if not path.is_dir():
+        raise ModelURIError(f"model {uri!r}: {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelURIError(f"model {uri!r}: {path} has no config.json (not a llava-hf model directory)")
+    return path
+
+
+def _split_runs_uri(uri: str) -> tuple[str, str]:
+    rest = uri[len("runs:/"):].lstrip("/")
+    run_id, _, path = rest.partition("/")
+    if not run_id:
+        raise ModelURIError(f"model URI {uri!r}: expected runs:/<run_id>/<path>")
+    return run_id, path.strip("/")
+
+
+def _cached(cache: Path, key: str, uri: str, fetch: Callable[[Path], Path]) -> Path:
+    """Return cache/<key> if complete; otherwise fetch into a temp dir and move it into place.
+
+    `fetch(tmp)` downloads into `tmp` and returns the directory inside it that holds the model.
+    """
+    target = cache / key
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+    try:
+        model_dir = _check_model_dir(fetch(tmp), uri)
+        (model_dir / COMPLETE_MARKER).write_text(json.dumps({"uri": uri}))
+        if target.exists():  # a stale incomplete entry, or a concurrent resolver finished first
+            if (target / COMPLETE_MARKER).is_file():
+                return target
+            shutil.rmtree(target)
+        os.replace(model_dir, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
+def _resolve_run_artifacts(client: MlflowClient, run_id: str, path: str, cache: Path, uri: str) -> Path:
+    key = f"runs/{_safe(run_id)}/{_safe(path or '_root')}"
+
+    def fetch(tmp: Path) -> Path:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            local = client.download_artifacts(run_id, path, str(tmp))
+        except MlflowException as exc:
+            raise ModelURIError(f"model {uri!r}: cannot download run artifacts: {exc.message}") from None
+        return Path(local)
+
+    return _cached(cache, key, uri, fetch)
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if not name or not alias or "/" in alias:
+            raise ModelURIError(f"model URI {uri!r}: expected models:/<name>@<alias>")
+        return name, None, alias
+    name, _, version = rest.rpartition("/")
+    if not name or not version.isdigit():
+        raise ModelURIError(f"model URI {uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    return name, version, None
+
+
+def resolve_registry_version(client: MlflowClient, uri: str):
+    """The ModelVersion a models:/ URI names (alias resolved now)."""
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = _parse_models_uri(uri)
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelURIError(f"model URI {uri!r}: {exc.message}") from None
+
+
+def _resolve_registry(client: MlflowClient, uri: str, cache: Path, tracking_uri: str | None) -> Path:
+    mv = resolve_registry_version(client, uri)
+    source = mv.source
+    # The key names the immutable version and its source, not the alias: moving an alias to a new
+    # version resolves to a new entry, while resolving the same version again is a cache hit.
+    digest = hashlib.sha256(f"{mv.run_id}|{source}".encode()).hexdigest()[:12]
+    key = f"models/{_safe(mv.name)}/v{mv.version}-{digest}"
+    if "://" not in source and not source.startswith(("runs:/", "models:/")) and Path(source).is_dir():
+        return _check_model_dir(Path(source), uri)  # local artifact store: use it in place
+
+    def fetch(tmp: Path) -> Path:
+        run_path = _path_inside_run(client, mv.run_id, source)
+        if run_path is not None:
+            return Path(client.download_artifacts(mv.run_id, run_path, str(tmp)))
+        if source.startswith("s3://"):
+            return _download_s3(source, tmp)
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                        tracking_uri=tracking_uri))
+
+    return _cached(cache, key, uri, fetch)
+
+
+def _path_inside_run(client: MlflowClient, run_id: str | None, source: str) -> str | None:
+    """The artifact path of `source` relative to its run's artifact root, when it lies inside it."""
+    if source.startswith("runs:/"):
+        return _split_runs_uri(source)[1]
+    if not run_id:
+        return None
+    root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    if source.rstrip("/") == root:
+        return ""
+    if source.startswith(root + "/"):
+        return source[len(root) + 1:].strip("/")
+    return None
+
+
+# --------------------------------------------------------------------------- S3
+
+
+def _s3_client():
+    """Prefer the platform's storage module (shared endpoint/credential handling) when present."""
+    try:
+        from llava_platform import storage  # written alongside; optional until it lands
+    except ImportError:
+        storage = None
+    factory = getattr(storage, "s3_client", None) if storage is not None else None
+    if callable(factory):
+        return factory()
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise ModelURIError(f"model URI {uri!r}: expected s3://bucket/prefix")
+    return parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+
+
+def _list_s3(client, bucket: str, prefix: str) -> list[dict]:
+    objects: list[dict] = []
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        objects.extend(page.get("Contents", []))
+    return objects
+
+
+def _download_s3(uri: str, dest: Path) -> Path:
+    client = _s3_client()
+    bucket, prefix = _split_s3(uri)
+    objects = _list_s3(client, bucket, prefix)
+    if not objects:
+        raise ModelURIError(f"model {uri!r}: no objects under that prefix")
+    out = dest / "model"
+    for obj in objects:
+        rel = obj["Key"][len(prefix):].lstrip("/") if prefix else obj["Key"]
+        if not rel or rel.endswith("/"):
+            continue
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, obj["Key"], str(path))
+    return out
+
+
+def _resolve_s3(uri: str, cache: Path) -> Path:
+    client = _s3_client()
+    bucket, prefix = _split_s3(uri)
+    objects = _list_s3(client, bucket, prefix)
+    if not objects:
+        raise ModelURIError(f"model {uri!r}: no objects under that prefix")
+    # Content key: the listing's keys, sizes and ETags, so a rewritten prefix is downloaded afresh.
+    listing = sorted((o["Key"], o.get("Size", 0), o.get("ETag", "")) for o in objects)
+    digest = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    key = f"s3/{_safe(bucket)}/{digest}"
+    return _cached(cache, key, uri, lambda tmp: _download_s3(uri, tmp))

@@ -1,0 +1,11 @@
+"""Shared fixtures live in tests/fixtures/*.py, loaded as plugins so every area can use them."""
+
+import os
+
+# DeepSpeed chooses its accelerator at import time; the test machines have no GPU.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.ray_cluster",
+]
