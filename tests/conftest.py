@@ -8,4 +8,5 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ray_cluster",
+    "tests.fixtures.mlflow_server",
 ]

@@ -333,13 +333,13 @@ def evaluate_gate(
         tol = gate.regression.tolerance
         for metric, better in sorted(gate.regression.metrics.items()):
             value, ref = candidate.get(metric), champion.get(metric)
-            if value is None:
-                checks.append(GateCheck(metric, "regression", None, ref, False, f"{metric} missing on candidate"))
-                continue
-            if ref is None:
+            if ref is None:  # nothing to regress against (the champion predates this metric)
                 checks.append(
                     GateCheck(metric, "regression", value, None, True, f"{metric}: champion has no value, skipped")
                 )
+                continue
+            if value is None:
+                checks.append(GateCheck(metric, "regression", None, ref, False, f"{metric} missing on candidate"))
                 continue
             ok = value >= ref - tol if better == "higher" else value <= ref + tol
             word = "within" if ok else "regresses beyond"

@@ -1,0 +1,230 @@
+"""Registry behaviour on a real MLflow store: registration, lineage, gate tables, rollback, retries.
+
+Most tests use the embedded sqlite store; one end-to-end test repeats the core flow against a real
+`mlflow server` over HTTP with S3 (moto) artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from llava_platform import registry as reg
+from llava_platform.registry import GateConfig, MetricBound, RegistryError, RegressionRule
+
+
+def _model_dir(tmp_path: Path, tag: str) -> Path:
+    """A stand-in artifact directory; the registry never looks inside it."""
+    d = tmp_path / f"model-{tag}"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llava", "tag": tag}))
+    return d
+
+
+@pytest.fixture
+def backend(mlflow_sqlite):
+    return mlflow_sqlite
+
+
+@pytest.fixture
+def name() -> str:
+    return f"llava-{uuid.uuid4().hex[:6]}"
+
+
+def _register(backend, tmp_path, name, tag, metrics=None) -> str:
+    client = backend.client()
+    run_id = backend.log_model_dir(_model_dir(tmp_path, tag))
+    version = reg.register_version(name, run_id, client=client)
+    if metrics is not None:
+        reg.set_version_metrics(name, version, metrics, client=client)
+    return version
+
+
+GATE = GateConfig(
+    thresholds={"shapes.accuracy": MetricBound(min=0.5), "judge.unparseable_rate": MetricBound(max=0.1)},
+    regression=RegressionRule(metrics={"shapes.accuracy": "higher", "latency_s": "lower"}, tolerance=0.02),
+)
+
+
+def test_register_is_idempotent_and_points_at_run_artifacts(backend, tmp_path, name):
+    client = backend.client()
+    run_id = backend.log_model_dir(_model_dir(tmp_path, "a"))
+    v1 = reg.register_version(name, run_id, client=client, tags={"stage": "2"})
+    v2 = reg.register_version(name, run_id, client=client, tags={"stage": "2"})
+    assert v1 == v2 == "1"
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1
+    mv = versions[0]
+    assert mv.run_id == run_id
+    assert mv.source == client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
+    assert mv.tags["stage"] == "2"
+    # registration makes the version the candidate
+    assert reg.current_alias_version(name, "candidate", client=client) == "1"
+    # a different run is a new version
+    assert _register(backend, tmp_path, name, "b") == "2"
+    assert reg.current_alias_version(name, "candidate", client=client) == "2"
+
+
+def test_lineage_tags_round_trip(backend, tmp_path, name):
+    client = backend.client()
+    version = _register(backend, tmp_path, name, "a")
+    written = reg.set_lineage(
+        name, version, client=client,
+        data_uris={"stage2": "s3://data/instruct/"}, manifest_digests={"stage2": "sha256:abc"},
+        stage1_run_id="r-stage1", config_digest="0123abcd",
+    )
+    assert written["llava.lineage.stage1_run_id"] == "r-stage1"
+    (described,) = reg.list_versions(name, client=client)
+    lineage = described["lineage"]
+    assert json.loads(lineage["data_uris"]) == {"stage2": "s3://data/instruct/"}
+    assert json.loads(lineage["manifest_digests"]) == {"stage2": "sha256:abc"}
+    assert lineage["config_digest"] == "0123abcd"
+    assert lineage["code_version"].startswith(("git:", "pkg:"))
+
+
+# Gate table: (candidate metrics, champion metrics or None, passes?)
+GATE_CASES = [
+    ({"shapes.accuracy": 0.8, "judge.unparseable_rate": 0.0}, None, True),  # first champion, thresholds ok
+    ({"shapes.accuracy": 0.4, "judge.unparseable_rate": 0.0}, None, False),  # below min
+    ({"shapes.accuracy": 0.8, "judge.unparseable_rate": 0.2}, None, False),  # above max
+    ({"judge.unparseable_rate": 0.0}, None, False),  # thresholded metric missing
+    ({"shapes.accuracy": 0.79, "judge.unparseable_rate": 0.0}, {"shapes.accuracy": 0.80}, True),  # in tolerance
+    ({"shapes.accuracy": 0.70, "judge.unparseable_rate": 0.0}, {"shapes.accuracy": 0.80}, False),  # regression
+    ({"shapes.accuracy": 0.9, "judge.unparseable_rate": 0.0, "latency_s": 2.0},
+     {"shapes.accuracy": 0.8, "latency_s": 1.0}, False),  # lower-is-better metric got worse
+    ({"shapes.accuracy": 0.9, "judge.unparseable_rate": 0.0, "latency_s": 1.01},
+     {"shapes.accuracy": 0.8, "latency_s": 1.0}, True),
+    ({"shapes.accuracy": 0.9, "judge.unparseable_rate": 0.0}, {"shapes.accuracy": 0.8, "latency_s": 1.0},
+     False),  # champion has latency, candidate lacks it
+]
+
+
+@pytest.mark.parametrize(("candidate", "champion", "expected"), GATE_CASES)
+def test_gate_table(candidate, champion, expected):
+    passed, checks = reg.evaluate_gate(GATE, candidate, champion)
+    assert passed is expected
+    assert all(c.detail for c in checks)
+    assert passed == all(c.passed for c in checks)
+
+
+def test_promote_pass_fail_force_and_rollback(backend, tmp_path, name):
+    client = backend.client()
+    v1 = _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.8, "judge.unparseable_rate": 0.0})
+    first = reg.promote(name, v1, gate=GATE, client=client)
+    assert first.promoted and first.passed and first.previous is None
+    assert any("first champion" in r for r in first.reasons)
+
+    v2 = _register(backend, tmp_path, name, "b", {"shapes.accuracy": 0.6, "judge.unparseable_rate": 0.0})
+    refused = reg.promote(name, v2, gate=GATE, client=client)
+    assert not refused.promoted and not refused.passed
+    assert any("regresses" in r for r in refused.reasons)
+    assert reg.current_alias_version(name, "champion", client=client) == v1
+
+    with pytest.raises(RegistryError, match="reason"):
+        reg.promote(name, v2, gate=GATE, force=True, client=client)
+    forced = reg.promote(name, v2, gate=GATE, force=True, reason="hotfix for tokenizer", client=client)
+    assert forced.promoted and forced.forced and not forced.passed
+    assert reg.current_alias_version(name, "champion", client=client) == v2
+    assert client.get_model_version(name, v2).tags["llava.forced_reason.champion"] == "hotfix for tokenizer"
+
+    v3 = _register(backend, tmp_path, name, "c", {"shapes.accuracy": 0.61, "judge.unparseable_rate": 0.0})
+    assert reg.promote(name, v3, gate=GATE, client=client).promoted
+
+    back = reg.rollback(name, client=client)
+    assert (back.from_version, back.to_version) == (v3, v2)
+    back = reg.rollback(name, client=client)
+    assert (back.from_version, back.to_version) == (v2, v1)
+    with pytest.raises(RegistryError, match="no earlier"):
+        reg.rollback(name, client=client)
+    assert reg.current_alias_version(name, "champion", client=client) == v1
+
+    history = [e for e in reg.alias_history(name, client=client) if e["alias"] == "champion"]
+    assert [(e["action"], e["from"], e["to"]) for e in history] == [
+        ("promote", None, v1), ("force", v1, v2), ("promote", v2, v3), ("rollback", v3, v2), ("rollback", v2, v1),
+    ]
+    assert history[1]["reason"] == "hotfix for tokenizer"
+    assert all(e["who"] and e["when"] for e in history)
+
+
+def test_retries_are_idempotent(backend, tmp_path, name):
+    client = backend.client()
+    v1 = _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.8, "judge.unparseable_rate": 0.0})
+    v2 = _register(backend, tmp_path, name, "b", {"shapes.accuracy": 0.9, "judge.unparseable_rate": 0.0})
+    reg.promote(name, v1, gate=GATE, client=client)
+    reg.promote(name, v2, gate=GATE, client=client)
+    again = reg.promote(name, v2, gate=GATE, client=client)
+    assert again.noop and again.promoted
+    champion_entries = [e for e in reg.alias_history(name, client=client) if e["alias"] == "champion"]
+    assert len(champion_entries) == 2
+
+    # A rollback retried with the version it meant to move away from does not roll back twice.
+    first = reg.rollback(name, client=client, expect_current=v2)
+    retry = reg.rollback(name, client=client, expect_current=v2)
+    assert first.to_version == retry.to_version == v1 and retry.noop
+    assert reg.current_alias_version(name, "champion", client=client) == v1
+
+
+def test_promotion_interrupted_between_history_and_alias_is_completed_by_retry(backend, tmp_path, name):
+    client = backend.client()
+    v1 = _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.8, "judge.unparseable_rate": 0.0})
+    v2 = _register(backend, tmp_path, name, "b", {"shapes.accuracy": 0.9, "judge.unparseable_rate": 0.0})
+    reg.promote(name, v1, gate=GATE, client=client)
+
+    class AliasWriteFails:
+        """The real client, except that the alias write dies as a dropped connection would."""
+
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def set_registered_model_alias(self, *args, **kwargs):
+            raise ConnectionError("connection reset")
+
+    with pytest.raises(ConnectionError):
+        reg.promote(name, v2, gate=GATE, client=AliasWriteFails())
+    assert reg.current_alias_version(name, "champion", client=client) == v1
+    done = reg.promote(name, v2, gate=GATE, client=client)
+    assert done.promoted
+    assert reg.current_alias_version(name, "champion", client=client) == v2
+    entries = [e for e in reg.alias_history(name, client=client) if e["alias"] == "champion"]
+    assert [(e["from"], e["to"]) for e in entries] == [(None, v1), (v1, v2)]
+
+
+def test_unknown_version_and_empty_rollback_fail_clearly(backend, tmp_path, name):
+    client = backend.client()
+    _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.8})
+    with pytest.raises(RegistryError, match="no version 7"):
+        reg.promote(name, "7", client=client)
+    with pytest.raises(RegistryError, match="no 'champion' alias"):
+        reg.rollback(name, client=client)
+
+
+def test_gate_config_file_is_strict(tmp_path):
+    good = tmp_path / "gate.yaml"
+    good.write_text("thresholds:\n  shapes.accuracy: {min: 0.3}\nregression:\n  metrics: {shapes.accuracy: higher}\n")
+    gate = reg.load_gate(good, ["regression.tolerance=0.05"])
+    assert gate.thresholds["shapes.accuracy"].min == 0.3 and gate.regression.tolerance == 0.05
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("thresholds:\n  shapes.accuracy: {minimum: 0.3}\n")
+    with pytest.raises(ValueError, match="minimum"):
+        reg.load_gate(bad)
+
+
+def test_registry_over_http_server_with_s3_artifacts(mlflow_server, tmp_path, name):
+    client = mlflow_server.client()
+    v1 = _register(mlflow_server, tmp_path, name, "a", {"shapes.accuracy": 0.8, "judge.unparseable_rate": 0.0})
+    assert _register(mlflow_server, tmp_path, name, "b", {"shapes.accuracy": 0.5}) == "2"
+    assert reg.promote(name, v1, gate=GATE, client=client).promoted
+    assert not reg.promote(name, "2", gate=GATE, client=client).promoted
+    assert reg.promote(name, "2", gate=GATE, force=True, reason="manual", client=client).forced
+    assert reg.rollback(name, client=client).to_version == v1
+    listed = {d["version"]: d for d in reg.list_versions(name, client=client)}
+    assert listed[v1]["aliases"] == ["champion"] and listed["2"]["aliases"] == ["candidate"]
+    assert listed[v1]["metrics"]["shapes.accuracy"] == pytest.approx(0.8)
+    # the artifacts really went to S3 through the server
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=mlflow_server.s3_endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server.bucket)["Contents"]]
+    assert any(k.endswith("model/config.json") for k in keys)
