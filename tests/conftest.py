@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.mlflow_server",
+    "tests.fixtures.s3",
 ]
