@@ -1,0 +1,1 @@
+"""Ray Serve application: OpenAI-compatible chat completions for LLaVA models."""

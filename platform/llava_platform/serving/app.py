@@ -1,0 +1,268 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of the model deployment.
+
+Import path for Serve config files and KubeRay `serveConfigV2`:
+
+    applications:
+      - name: llava
+        import_path: llava_platform.serving.app:build_app
+        args: {model_uri: "models:/llava@champion", auth: {api_key_env: LLAVA_API_KEY}}
+
+The ingress does everything that needs no weights (auth, JSON and schema validation, image
+decoding and limits) so bad input never reaches the model replica; the model replica checks what
+needs the tokenizer (context length) and runs batched generation.
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llava_platform.serving.auth import check_bearer, load_api_key
+from llava_platform.serving.config import ServeConfig, parse_serve_config
+from llava_platform.serving.images import to_generation_messages
+from llava_platform.serving.metrics import ServingMetrics
+from llava_platform.serving.model import LlavaModel
+from llava_platform.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    chunk_body,
+    completion_body,
+    completion_id,
+    parse_request,
+    sse,
+    usage,
+)
+
+log = logging.getLogger("llava.serving")
+
+api = FastAPI(title="llava-platform OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+    return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code)
+
+
+def _overloaded(retry_after_s: int) -> APIError:
+    return APIError(503, "server is overloaded; retry later", type="server_error", code="overloaded",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
+def _model_error(err: dict[str, Any]) -> APIError:
+    kind = "server_error" if err["status"] >= 500 else "invalid_request_error"
+    return APIError(err["status"], err["message"], type=kind, param=err.get("param"), code=err.get("code"))
+
+
+@serve.deployment(name="LlavaIngress")
+@serve.ingress(api)
+class LlavaIngress:
+    def __init__(self, model: DeploymentHandle, args: dict[str, Any]):
+        self.cfg: ServeConfig = parse_serve_config(args)
+        self.model = model
+        self.api_key = load_api_key(self.cfg.auth)  # fails the replica if auth is on but the key is missing
+        self.metrics = ServingMetrics()
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------------------------ probes
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self.model.info.remote(), timeout=5)
+        except Exception as err:  # not loaded yet, replica restarting, overloaded
+            return JSONResponse({"status": "not_ready", "reason": type(err).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", "version": info["version"]})
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # ------------------------------------------------------------------------------------ API
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        check_bearer(self.api_key, request.headers.get("authorization"))
+        info = await self._model_info()
+        return {"object": "list", "data": [{
+            "id": self.cfg.served_model_name, "object": "model", "created": int(info["loaded_at"]),
+            "owned_by": "llava-platform", "root": info["model_uri"], "version": info["version"],
+        }]}
+
+    @api.post("/admin/reload")
+    async def reload(self, request: Request) -> dict[str, Any]:
+        """Re-resolve the model URI (or switch to the one given) and hot-swap the weights."""
+        check_bearer(self.api_key, request.headers.get("authorization"))
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+            uri = body.get("model_uri") if isinstance(body, dict) else None
+        except json.JSONDecodeError:
+            raise APIError(400, "reload body must be JSON, e.g. {\"model_uri\": \"models:/llava@champion\"}",
+                           code="invalid_json") from None
+        try:
+            return await self.model.reload.remote(uri, bool(body.get("force", False)))
+        except ValueError as err:  # ModelURIError from resolution
+            raise APIError(400, f"cannot reload: {err}", param="model_uri", code="invalid_model_uri") from None
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        started = time.perf_counter()
+        stream = False
+        self.metrics.in_flight.inc()
+        try:
+            check_bearer(self.api_key, request.headers.get("authorization"))
+            req = parse_request(await self._body(request))
+            stream = req.stream
+            item = await self._prepare(req)
+            response = await (self._stream(req, item) if stream else self._complete(req, item))
+            self.metrics.requests.labels(status=str(response.status_code), stream=str(stream)).inc()
+            return response
+        except APIError as err:
+            self.metrics.requests.labels(status=str(err.status), stream=str(stream)).inc()
+            if err.status == 503:
+                self.metrics.backpressure.inc()
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.latency.labels(stream=str(stream)).observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    async def _model_info(self) -> dict[str, Any]:
+        try:
+            return await self.model.info.remote()
+        except (BackPressureError, DeploymentUnavailableError):
+            raise _overloaded(self.cfg.retry_after_s) from None
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.cfg.limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        return raw
+
+    async def _prepare(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        if req.model != self.cfg.served_model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{self.cfg.served_model_name!r}", param="model", code="model_not_found")
+        limits = self.cfg.limits
+        max_tokens = req.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = limits.default_max_tokens
+        if not 1 <= max_tokens <= limits.max_tokens:
+            raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}",
+                           param="max_tokens", code="invalid_value")
+        stops = req.stop_list()
+        if len(stops) > limits.max_stop_sequences or any(not s for s in stops):
+            raise APIError(400, f"stop must hold at most {limits.max_stop_sequences} non-empty strings",
+                           param="stop", code="invalid_value")
+        # Image decoding is CPU work: keep it off the event loop so other requests keep flowing.
+        messages = await asyncio.to_thread(
+            to_generation_messages, req, limits, allow_remote=self.cfg.allow_remote_images,
+            timeout_s=self.cfg.remote_image_timeout_s,
+        )
+        return {"messages": messages, "max_new_tokens": max_tokens, "temperature": req.temperature,
+                "top_p": req.top_p, "stop": stops, "seed": req.seed}
+
+    async def _complete(self, req: ChatCompletionRequest, item: dict[str, Any]) -> JSONResponse:
+        try:
+            out = await self.model.generate.remote(item)
+        except (BackPressureError, DeploymentUnavailableError):
+            raise _overloaded(self.cfg.retry_after_s) from None
+        if "error" in out:
+            raise _model_error(out["error"])
+        res = out["result"]
+        self.metrics.prompt_tokens.inc(res["prompt_tokens"])
+        self.metrics.completion_tokens.inc(res["completion_tokens"])
+        self.metrics.batch_size.observe(out["batch_size"])
+        body = completion_body(completion_id(), self.cfg.served_model_name, f"llava-{out['version']}", res)
+        return JSONResponse(body)
+
+    async def _stream(self, req: ChatCompletionRequest, item: dict[str, Any]) -> Response:
+        events = self.model.options(stream=True).stream.remote(item)
+        try:
+            first = await events.__anext__()
+        except (BackPressureError, DeploymentUnavailableError):
+            raise _overloaded(self.cfg.retry_after_s) from None
+        if "error" in first:  # rejected before any text: a plain 4xx, not a broken stream
+            raise _model_error(first["error"])
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            self._sse(events, f"llava-{first['version']}", include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _sse(self, events: Any, fingerprint: str, include_usage: bool):
+        cid, created, model = completion_id(), int(time.time()), self.cfg.served_model_name
+        yield sse(chunk_body(cid, model, fingerprint, {"role": "assistant", "content": ""}, None, created))
+        try:
+            async for ev in events:
+                if "error" in ev:
+                    yield sse(_model_error(ev["error"]).body())
+                    break
+                if ev["delta"]:
+                    yield sse(chunk_body(cid, model, fingerprint, {"content": ev["delta"]}, None, created))
+                if ev["finish_reason"] is not None:
+                    self.metrics.prompt_tokens.inc(ev["prompt_tokens"])
+                    self.metrics.completion_tokens.inc(ev["completion_tokens"])
+                    yield sse(chunk_body(cid, model, fingerprint, {}, ev["finish_reason"], created))
+                    if include_usage:
+                        final = chunk_body(cid, model, fingerprint, {}, None, created)
+                        final["choices"] = []
+                        final["usage"] = usage(ev["prompt_tokens"], ev["completion_tokens"])
+                        yield sse(final)
+        finally:
+            events.cancel()  # client disconnected or done: stop the replica's generation
+        yield sse("[DONE]")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder: `args` is a ServeConfig mapping (at least `model_uri`)."""
+    cfg = parse_serve_config(args)
+    plain = cfg.model_dump(mode="json")
+    m = cfg.model
+    model_opts: dict[str, Any] = {
+        "max_ongoing_requests": m.max_ongoing_requests,
+        "max_queued_requests": m.max_queued_requests,
+        "ray_actor_options": m.resources.ray_actor_options(),
+        "health_check_period_s": m.health_check_period_s,
+        "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
+    }
+    if m.autoscaling is not None:
+        model_opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
+    else:
+        model_opts["num_replicas"] = m.num_replicas
+    model = LlavaModel.options(**model_opts).bind(plain)
+    i = cfg.ingress
+    ingress = LlavaIngress.options(
+        num_replicas=i.num_replicas,
+        max_ongoing_requests=i.max_ongoing_requests,
+        max_queued_requests=i.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
+        ray_actor_options=i.resources.ray_actor_options(),
+    )
+    return ingress.bind(model, plain)

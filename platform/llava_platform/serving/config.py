@@ -1,0 +1,124 @@
+"""Configuration of the serving application: the `args` of `build_app`, from a Serve config file,
+a KubeRay RayService `serveConfigV2`, `llavactl serve --config`, or the embedded default."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llava_platform.config import StrictModel, validate_config
+
+
+class ActorResources(StrictModel):
+    """Placement of one replica (`ray_actor_options`)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_bytes: int | None = Field(None, gt=0)
+    accelerator_type: str | None = None
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_bytes is not None:
+            opts["memory"] = self.memory_bytes
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        return opts
+
+
+class Autoscaling(StrictModel):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ModelDeployment(StrictModel):
+    """The replica that holds the weights and runs batched generation."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    resources: ActorResources = ActorResources()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = Field(None, ge=1)
+    # Dynamic batching: a batch closes at max_batch_size requests or after batch_wait_timeout_s.
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5)
+    # Back-pressure: at most max_ongoing_requests in a replica, max_queued_requests waiting at each
+    # caller; beyond that the caller gets BackPressureError and the client a 503 + Retry-After.
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(32, ge=1)
+    # Re-resolve model_uri (e.g. models:/llava@champion) this often and switch when it changed; 0 = off.
+    watch_interval_s: float = Field(0.0, ge=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> ModelDeployment:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches can never fill")
+        return self
+
+
+class IngressDeployment(StrictModel):
+    """The HTTP front: parsing, validation, image decoding, auth, metrics; no model weights."""
+
+    num_replicas: int = Field(1, ge=1)
+    resources: ActorResources = ActorResources(num_cpus=0.0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(512, ge=1)
+
+
+class Limits(StrictModel):
+    max_request_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_images: int = Field(4, ge=0)
+    max_image_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(25_000_000, gt=0)  # decompression-bomb guard
+    max_tokens: int = Field(1024, ge=1)  # the largest max_tokens a client may ask for
+    default_max_tokens: int = Field(128, ge=1)
+    max_stop_sequences: int = Field(4, ge=0)
+    max_messages: int = Field(64, ge=1)
+
+
+class Auth(StrictModel):
+    """Bearer-token auth; enabled when a key source is set. The key is never logged or echoed."""
+
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_key_env or self.api_key_file)
+
+
+class ServeConfig(StrictModel):
+    model_uri: str = Field(min_length=1)
+    served_model_name: str = Field("llava", min_length=1)
+    app_name: str = "llava"
+    route_prefix: str = "/"
+    image_mode: Literal["pad", "resize"] = "pad"
+    allow_remote_images: bool = False
+    remote_image_timeout_s: float = Field(10.0, gt=0)
+    mlflow_tracking_uri: str | None = None
+    model_cache_dir: str | None = None
+    retry_after_s: int = Field(1, ge=1)
+    limits: Limits = Limits()
+    auth: Auth = Auth()
+    model: ModelDeployment = ModelDeployment()
+    ingress: IngressDeployment = IngressDeployment()
+
+
+def parse_serve_config(args: dict[str, Any] | ServeConfig) -> ServeConfig:
+    if isinstance(args, ServeConfig):
+        return args
+    return validate_config(ServeConfig, dict(args or {}), source="serve args")
