@@ -77,9 +77,16 @@ class Scene:
         return self.counts()[obj.category] == 1
 
 
+IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children",
+                     "mouse": "mice", "sheep": "sheep", "knife": "knives", "skis": "skis", "scissors": "scissors"}
+
+
 def plural(noun: str, n: int = 2) -> str:
     if n == 1:
         return noun
+    head, _, last = noun.rpartition(" ")
+    if last in IRREGULAR_PLURALS:
+        return f"{head} {IRREGULAR_PLURALS[last]}".strip()
     if noun.endswith(("s", "x", "ch", "sh")):
         return noun + "es"
     if noun.endswith("y") and noun[-2:-1] not in "aeiou":
