@@ -201,7 +201,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
             else:
                 jobs.append((record, task))
     if input_rejects:
-        _write_jsonl(storage.join(cfg.output, "rejects", f"input-{run_index:03d}.jsonl"), input_rejects)
+        _write_jsonl(storage.join(cfg.output, "rejects", "input.jsonl"), input_rejects)  # same each run
         for r in input_rejects:
             stats.rejected[r["reason"].split(":", 1)[0]] += 1
     for start in range(0, len(jobs), cfg.chunk_size):

@@ -19,6 +19,8 @@ from typing import Any
 
 from llava.datagen.rule_teacher import RuleTeacher
 
+# Chatty preamble before the format: unusable for every task type (the parser says unexpected_block).
+MALFORMED_REPLY = "Sure! Here is what I see.\nQuestion:\nWhat is in the picture?\n"
 BOX = re.compile(r"^(.+?): \[([^\]]+)\]$")
 
 
@@ -46,7 +48,7 @@ class TeacherServer:
         self.teacher = RuleTeacher(noun="object")
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -87,8 +89,7 @@ class TeacherServer:
         if action == "garbage-json":
             return 200, {}, b"<html>not json</html>"
         task = self.task_type(messages[0]["content"])
-        text = "Sure! Here is a nice conversation about the picture." if action == "malformed" \
-            else self.teacher.reply(record, task)
+        text = MALFORMED_REPLY if action == "malformed" else self.teacher.reply(record, task)
         reply = {"id": "cmpl-test", "object": "chat.completion", "model": body.get("model"),
                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                               "finish_reason": "stop"}]}
