@@ -4,8 +4,8 @@ Accepted forms:
 - a local directory (or `file://` URI);
 - `runs:/<run_id>/<artifact path>`: artifacts of an MLflow run;
 - `models:/<name>@<alias>` or `models:/<name>/<version>`: a registry version (alias resolved first);
-- `s3://bucket/prefix`: objects under a prefix of any S3-compatible store (endpoint from
-  AWS_ENDPOINT_URL / the storage module).
+- `s3://bucket/prefix`: objects under a prefix of any S3-compatible store (endpoint and
+  credentials as `llava_platform.storage` finds them).
 
 Remote models are downloaded once into a cache keyed by what identifies their content (run id +
 path, registry version's run + source, S3 keys with ETags), so resolving the same thing again does
@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
@@ -200,24 +201,16 @@ def _path_inside_run(client: MlflowClient, run_id: str | None, source: str) -> s
 
 
 def _s3_client():
-    """Prefer the platform's storage module (shared endpoint/credential handling) when present."""
-    try:
-        from llava_platform import storage  # written alongside; optional until it lands
-    except ImportError:
-        storage = None
-    factory = getattr(storage, "s3_client", None) if storage is not None else None
-    if callable(factory):
-        return factory()
-    import boto3
+    from llava_platform import storage
 
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    return storage.default().s3_client()
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if not parsed.netloc:
         raise ModelURIError(f"model URI {uri!r}: expected s3://bucket/prefix")
-    return parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+    return parsed.netloc, parsed.path.strip("/")
 
 
 def _list_s3(client, bucket: str, prefix: str) -> list[dict]:
@@ -229,19 +222,11 @@ def _list_s3(client, bucket: str, prefix: str) -> list[dict]:
 
 
 def _download_s3(uri: str, dest: Path) -> Path:
-    client = _s3_client()
-    bucket, prefix = _split_s3(uri)
-    objects = _list_s3(client, bucket, prefix)
-    if not objects:
-        raise ModelURIError(f"model {uri!r}: no objects under that prefix")
+    from llava_platform import storage
+
     out = dest / "model"
-    for obj in objects:
-        rel = obj["Key"][len(prefix):].lstrip("/") if prefix else obj["Key"]
-        if not rel or rel.endswith("/"):
-            continue
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, obj["Key"], str(path))
+    if storage.download_dir(uri, out) == 0:
+        raise ModelURIError(f"model {uri!r}: no objects under that prefix")
     return out
 
 
@@ -253,6 +238,6 @@ def _resolve_s3(uri: str, cache: Path) -> Path:
         raise ModelURIError(f"model {uri!r}: no objects under that prefix")
     # Content key: the listing's keys, sizes and ETags, so a rewritten prefix is downloaded afresh.
     listing = sorted((o["Key"], o.get("Size", 0), o.get("ETag", "")) for o in objects)
-    digest = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([bucket, prefix, listing]).encode()).hexdigest()[:16]
     key = f"s3/{_safe(bucket)}/{digest}"
     return _cached(cache, key, uri, lambda tmp: _download_s3(uri, tmp))
