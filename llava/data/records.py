@@ -20,7 +20,10 @@ class RecordError(ValueError):
 
 def load_records(path: str | Path) -> list[dict]:
     """A JSON list or JSONL file of records."""
-    text = Path(path).read_text(encoding="utf-8")
+    return parse_records(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+def parse_records(text: str, path: str = "<records>") -> list[dict]:
     stripped = text.lstrip()
     if stripped.startswith("["):
         data = json.loads(text)

@@ -1,0 +1,143 @@
+"""Train one LLaVA stage on Ray Train + DeepSpeed.
+
+    python -m jobs.train --config jobs/configs/tiny_stage1.yaml key=value ...
+    ray job submit -- python -m jobs.train --config jobs/configs/llava15_7b_stage2.yaml
+
+The driver creates the stage's MLflow run (nested under a pipeline run when one is given), logs the
+config and the DeepSpeed config, and runs `jobs.train_worker.train_loop` on every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from jobs.train_config import TrainConfig, with_absolute_paths
+from llava_platform import storage, tracking
+from llava_platform.config import ConfigError, load_config
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    output: str
+    checkpoint: str | None
+    metrics: dict
+
+
+def _ray_init() -> None:
+    import ray
+
+    from jobs.train_worker import worker_env
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit` and by `llavactl run`) joins an existing cluster; the
+        # job's runtime env carries what workers need (DeepSpeed picks its accelerator at import).
+        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": worker_env()})
+
+
+def _log_config_artifacts(run_id: str, cfg: TrainConfig, world_size: int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from llava.train.deepspeed_config import BatchPlan, deepspeed_config
+
+    precision = cfg.distributed.precision if cfg.distributed.precision != "auto" else (
+        "bf16" if cfg.distributed.use_gpu else "fp32")
+    ds = deepspeed_config(BatchPlan(cfg.optim.global_batch, cfg.optim.micro_batch, world_size),
+                          zero_stage=cfg.distributed.zero_stage, precision=precision, grad_clip=cfg.optim.grad_clip)
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        Path(tmp, "deepspeed_config.json").write_text(json.dumps(ds, indent=2))
+        MlflowClient().log_artifacts(run_id, tmp, "config")
+
+
+def _run_config(cfg: TrainConfig):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    fs, path = (None, cfg.checkpoint.storage)
+    if storage.is_s3(cfg.checkpoint.storage):
+        fs, path = storage.pyarrow_filesystem(cfg.checkpoint.storage)
+    else:
+        path = str(storage.local_path(path).resolve())
+    return RunConfig(
+        name=cfg.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+    )
+
+
+def _resume_checkpoint(cfg: TrainConfig):
+    from ray.train import Checkpoint
+
+    uri = cfg.checkpoint.resume_from
+    if not uri:
+        return None
+    if storage.is_s3(uri):
+        fs, path = storage.pyarrow_filesystem(uri)
+        return Checkpoint(path, filesystem=fs)
+    return Checkpoint(str(storage.local_path(uri).resolve()))
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train_worker import train_loop
+
+    cfg = with_absolute_paths(cfg)
+    tracking.configure(cfg.tracking.tracking_uri)
+    run_name = cfg.tracking.run_name or f"{cfg.name}-stage{cfg.stage}"
+    run_id = tracking.start_job_run(cfg.tracking.experiment, run_name, f"stage{cfg.stage}", cfg.tracking.parent_run_id)
+    tracking.log_params(run_id, cfg.model_dump(mode="json"))
+    _log_config_artifacts(run_id, cfg, cfg.distributed.num_workers)
+    _ray_init()
+    scaling = ScalingConfig(
+        num_workers=cfg.distributed.num_workers,
+        use_gpu=cfg.distributed.use_gpu,
+        resources_per_worker={"CPU": cfg.distributed.cpus_per_worker, **({"GPU": 1} if cfg.distributed.use_gpu else {})},
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id,
+                           "tracking_uri": tracking.configure()},
+        scaling_config=scaling,
+        run_config=_run_config(cfg),
+        resume_from_checkpoint=_resume_checkpoint(cfg),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish_run(run_id, "FAILED")
+        raise
+    tracking.finish_run(run_id)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return TrainResult(run_id, cfg.output, ckpt, dict(result.metrics or {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="stage config YAML (jobs/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    result = run_training(cfg)
+    print(json.dumps({"run_id": result.run_id, "output": result.output, "checkpoint": result.checkpoint,
+                      "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The per-worker training loop run by Ray Train: DeepSpeed engine, exact-resume checkpoints,
+per-step metrics to MLflow from rank 0, llava-hf export at the end.
+
+One optimizer step consumes one global batch (micro_batch x accumulation x world size samples);
+`step` counts optimizer steps and is the data position saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+
+from jobs.train_config import TrainConfig
+from llava.data.collate import collate_padded, padding_fraction
+from llava.data.records import parse_records
+from llava.data.templates import get_template
+from llava.model.builder import build_llava, save_llava
+from llava.model.freezing import TrainableParts, apply_freezing, describe_trainable
+from llava.train.dataset import TrainSample, encode_records, epoch_order, from_rows, micro_batches_for_rank
+from llava.train.deepspeed_config import BatchPlan, deepspeed_config
+from llava.train.optim import build_optimizer, build_scheduler
+from llava.train.state import Position, load_rank_state, save_rank_state
+from llava_platform import storage, tracking
+
+DS_TAG = "ds"
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    run_id: str | None
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+
+def _say(ctx: WorkerContext, msg: str) -> None:
+    if ctx.lead:
+        print(msg, flush=True)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_model(cfg: TrainConfig):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_platform.model_uri import resolve_model_dir
+
+    if cfg.model.init_from:
+        path = resolve_model_dir(cfg.model.init_from)
+        return LlavaForConditionalGeneration.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    m = cfg.model
+    return build_llava(m.vision, m.language_model, projector=m.projector, vision_feature_layer=m.vision_feature_layer,
+                       feature_select=m.feature_select, template=cfg.data.template)
+
+
+def _load_samples(cfg: TrainConfig, processor, ctx: WorkerContext) -> list[TrainSample]:
+    d = cfg.data
+    if d.processed:
+        import pyarrow.dataset as pads
+
+        fs, path = storage.pyarrow_filesystem(d.processed)
+        table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+        rows = sorted(table.to_pylist(), key=lambda r: str(r["id"]))  # files list in any order
+        return from_rows(rows)
+    records = parse_records(storage.read_text(d.records), d.records)
+    samples, rejected = encode_records(records, processor, d.template, max_length=d.max_length,
+                                       image_root=d.image_root, image_mode=d.image_mode)
+    if rejected:
+        _say(ctx, f"rejected {len(rejected)} of {len(records)} records: "
+                  + "; ".join(f"{r.id}: {r.reason}" for r in rejected[:5]))
+    if len(rejected) > d.max_reject_fraction * max(1, len(records)):
+        raise ValueError(f"{len(rejected)} of {len(records)} records rejected, above data.max_reject_fraction "
+                         f"{d.max_reject_fraction}; first: {rejected[0].id}: {rejected[0].reason}")
+    return samples
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.distributed.precision != "auto":
+        return cfg.distributed.precision
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def _total_steps(cfg: TrainConfig, n_samples: int) -> tuple[int, int]:
+    per_epoch = max(1, math.ceil(n_samples / cfg.optim.global_batch))
+    total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * per_epoch))
+    return per_epoch, total
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def _save_checkpoint(engine, ctx: WorkerContext, position: Position, metrics: dict) -> None:
+    """Every rank writes its DeepSpeed shard and RNG/position into a fresh local folder; Ray Train
+    persists the folders of all ranks as one checkpoint and registers it only once all reported, so
+    a crash mid-save leaves the previous checkpoint as the latest."""
+    with tempfile.TemporaryDirectory(prefix="llava-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        save_rank_state(tmp, ctx.rank, position)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(engine, ctx: WorkerContext) -> Position | None:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        return load_rank_state(d, ctx.rank)
+
+
+def _export(engine, processor, cfg: TrainConfig, ctx: WorkerContext, zero_stage: int) -> str | None:
+    """Write the llava-hf directory (ZeRO-3: gather full weights first) and log it to MLflow."""
+    import deepspeed
+
+    model = engine.module
+    processor.chat_template = get_template(cfg.data.template, eos_token=processor.tokenizer.eos_token).chat_template
+    params = list(model.parameters()) if zero_stage == 3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        if not ctx.lead:
+            return None
+        with tempfile.TemporaryDirectory(prefix="llava-export-") as tmp:
+            save_llava(model, processor, tmp)
+            if storage.is_s3(cfg.output):
+                storage.upload_dir(tmp, cfg.output)
+            else:
+                dst = storage.local_path(cfg.output)
+                staging = dst.with_name(dst.name + ".partial")
+                storage.upload_dir(tmp, str(staging))
+                if dst.exists():
+                    import shutil
+
+                    shutil.rmtree(dst)
+                staging.rename(dst)  # the export appears whole or not at all
+            if ctx.run_id:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient().log_artifacts(ctx.run_id, tmp, "model")
+    return cfg.output
+
+
+def _step_metrics(losses, tokens, samples, pads, elapsed, engine, scheduler) -> dict[str, float]:
+    loss = torch.tensor([sum(losses) / len(losses), tokens, samples], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loss)
+        loss[0] /= torch.distributed.get_world_size()
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "loss": loss[0].item(),
+        "lr": scheduler.get_last_lr()[-1],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "samples_per_s": loss[2].item() / elapsed,
+        "tokens_per_s": loss[1].item() / elapsed,
+        "padding_fraction": sum(pads) / len(pads),
+    }
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    rctx = ray.train.get_context()
+    ctx = WorkerContext(rctx.get_world_rank(), rctx.get_world_size(), ray.train.torch.get_device(), config.get("run_id"))
+    if config.get("tracking_uri"):
+        tracking.configure(config["tracking_uri"])
+    _seed_all(cfg.seed)
+    model, processor = _load_model(cfg)
+    counts = apply_freezing(model, TrainableParts.for_stage(cfg.stage))
+    _say(ctx, f"stage {cfg.stage}: {describe_trainable(counts, model)}")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    samples = _load_samples(cfg, processor, ctx)
+    per_epoch, total = _total_steps(cfg, len(samples))
+    plan = BatchPlan(cfg.optim.global_batch, cfg.optim.micro_batch, ctx.world_size)
+    precision = _precision(cfg)
+    if precision == "bf16" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ds_config = deepspeed_config(plan, zero_stage=cfg.distributed.zero_stage, precision=precision,
+                                 grad_clip=cfg.optim.grad_clip)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.projector_lr)
+    scheduler = build_scheduler(optimizer, total, cfg.optim.warmup_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    position = _restore(engine, ctx)
+    start = position.step if position else 0
+    if ctx.lead and ctx.run_id:
+        tracking.log_params(ctx.run_id, {"trainable": counts, "total_steps": total, "accumulation": plan.accumulation,
+                                         "world_size": ctx.world_size, "samples": len(samples),
+                                         "resumed_at_step": start})
+    _say(ctx, f"stage {cfg.stage}: {len(samples)} samples, {total} steps of {plan.global_batch} "
+              f"({plan.micro_batch} x {plan.accumulation} accumulation x {ctx.world_size} workers), "
+              f"ZeRO-{cfg.distributed.zero_stage}, {precision}" + (f", resuming at step {start}" if start else ""))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    pad_id = processor.tokenizer.pad_token_id
+    t_start, orders = time.time(), {}
+    last = start
+    for step in range(start, total):
+        epoch, in_epoch = divmod(step, per_epoch)
+        if epoch not in orders:
+            orders = {epoch: epoch_order(samples, seed=cfg.seed, epoch=epoch, global_batch=plan.global_batch,
+                                         group_by_modality_length=cfg.data.group_by_modality_length)}
+        micros = micro_batches_for_rank(orders[epoch], in_epoch, global_batch=plan.global_batch,
+                                        micro_batch=plan.micro_batch, rank=ctx.rank, world_size=ctx.world_size)
+        t0, losses, pads, tokens, n = time.time(), [], [], 0, 0
+        for idx in micros:
+            chosen = [samples[i].decoded() for i in idx]
+            batch = collate_padded(chosen, pad_id, processor.image_processor)
+            pads.append(padding_fraction(batch))
+            tokens += int(batch["attention_mask"].sum())
+            n += len(chosen)
+            out = engine(**_to_device(batch, ctx.device, dtype))
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+        metrics = _step_metrics(losses, tokens, n, pads, time.time() - t0, engine, scheduler)
+        last = step + 1
+        if ctx.lead:
+            eta = (time.time() - t_start) / (last - start) * (total - last)
+            print(f"stage {cfg.stage} step {last}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                  f"grad_norm {metrics['grad_norm']:.3f} {metrics['samples_per_s']:.1f} samples/s ETA {eta:.0f}s",
+                  flush=True)
+            if ctx.run_id:
+                tracking.log_metrics(ctx.run_id, metrics, step=last, timestamp_ms=int(time.time() * 1000))
+        stopping = cfg.stop_after_steps is not None and last >= cfg.stop_after_steps
+        if last % cfg.checkpoint.every_n_steps == 0 or last == total or stopping:
+            _save_checkpoint(engine, ctx, Position(last, epoch, in_epoch + 1), {"step": last, **metrics})
+        if stopping:
+            _say(ctx, f"stage {cfg.stage}: stopping after step {last} as configured (stop_after_steps)")
+            return
+    if last == total:
+        _export(engine, processor, cfg, ctx, cfg.distributed.zero_stage)
+        _say(ctx, f"stage {cfg.stage}: exported llava-hf model to {cfg.output}")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the workers need: DeepSpeed's accelerator choice is made at import time."""
+    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
+                                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+           if k in os.environ}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+

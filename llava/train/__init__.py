@@ -1,0 +1,1 @@
+"""Training pieces: optimizer and schedule, DeepSpeed config, batching and packing, checkpoint state."""
