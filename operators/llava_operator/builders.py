@@ -57,7 +57,7 @@ def secret_env(spec: PipelineSpec, settings: OperatorSettings) -> list[dict[str,
     name = s3_secret.name if s3_secret else settings.s3_credentials_secret
     if name:
         keys = (s3_secret.accessKeyIdKey, s3_secret.secretAccessKeyKey) if s3_secret else (
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            settings.s3_access_key_id_key, settings.s3_secret_access_key_key)
         for var, key in zip(("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), keys, strict=True):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
     if settings.mlflow_credentials_secret:

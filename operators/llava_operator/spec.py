@@ -150,6 +150,8 @@ class OperatorSettings(StrictModel):
     mlflow_credentials_secret: str | None = None
     s3_endpoint_url: str | None = None
     s3_credentials_secret: str | None = None
+    s3_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
     ray_service_account: str | None = None
     reconcile_seconds: float = Field(10.0, gt=0)
     mlflow_timeout_seconds: float = Field(5.0, gt=0)
