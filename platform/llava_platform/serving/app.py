@@ -68,6 +68,18 @@ def _model_error(err: dict[str, Any]) -> APIError:
     return APIError(err["status"], err["message"], type=kind, param=err.get("param"), code=err.get("code"))
 
 
+def _check_turns(req: ChatCompletionRequest) -> None:
+    """The chat templates render an optional system message then alternating user/assistant turns
+    ending on a user turn (the one being answered); anything else would silently garble the prompt."""
+    roles = [m.role for m in req.messages]
+    turns = roles[1:] if roles[0] == "system" else roles
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    if not turns or turns != expected or turns[-1] != "user":
+        raise APIError(400, "messages must be an optional system message, then alternating user/assistant "
+                            f"turns ending with a user turn; got roles {roles}", param="messages",
+                       code="invalid_messages")
+
+
 @serve.deployment(name="LlavaIngress")
 @serve.ingress(api)
 class LlavaIngress:
@@ -175,6 +187,7 @@ class LlavaIngress:
         if not 1 <= max_tokens <= limits.max_tokens:
             raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}",
                            param="max_tokens", code="invalid_value")
+        _check_turns(req)
         stops = req.stop_list()
         if len(stops) > limits.max_stop_sequences or any(not s for s in stops):
             raise APIError(400, f"stop must hold at most {limits.max_stop_sequences} non-empty strings",

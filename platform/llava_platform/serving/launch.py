@@ -33,13 +33,17 @@ def wait_ready(base_url: str, timeout_s: float = 180.0, api_key: str | None = No
 def start_app(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 180.0) -> str:
     """Deploy `build_app(args)` on the already-initialised Ray; return the base URL once ready."""
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     from llava_platform.serving.app import build_app
 
     cfg = parse_serve_config(args)
     serve.start(http_options={"host": host, "port": port})
+    # Serve is one per cluster: if it was already running, its proxy keeps its own host/port.
+    http = _get_global_client().http_config
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     serve.run(build_app(args), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
-    base_url = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
+    base_url = f"http://{host}:{http.port}{cfg.route_prefix.rstrip('/')}"
     wait_ready(base_url, timeout_s)
     return base_url
 
