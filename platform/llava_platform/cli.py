@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Command-group modules under llava_platform.commands, in --help order.
-COMMAND_MODULES = ["run"]
+COMMAND_MODULES = ["run", "serve", "chat", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:
