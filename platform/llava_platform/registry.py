@@ -251,6 +251,68 @@ def version_lineage(mv: ModelVersion) -> dict[str, str]:
     return {k[len(LINEAGE_PREFIX):]: v for k, v in (mv.tags or {}).items() if k.startswith(LINEAGE_PREFIX)}
 
 
+def find_runs(client: MlflowClient, filter_string: str, max_results: int = 1) -> list:
+    """Runs matching `filter_string` across every experiment, newest first."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    return list(client.search_runs(ids, filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]))
+
+
+def find_pipeline_run(client: MlflowClient, pipeline_id: str, phase: str):
+    """The newest run a job logged for `phase` of pipeline `pipeline_id` (tags set by every job)."""
+    runs = find_runs(client, f"tags.`llava.pipeline_id` = '{pipeline_id}' and tags.`llava.phase` = '{phase}'")
+    return runs[0] if runs else None
+
+
+def attach_eval_run(name: str, version: str, eval_run_id: str, *, client: MlflowClient | None = None) -> dict:
+    """Copy an evaluation run's metrics onto a version (the evaluation may predate the registration)."""
+    client = _client(client)
+    metrics = dict(client.get_run(eval_run_id).data.metrics)
+    set_version_metrics(name, version, metrics, client=client, eval_run_id=eval_run_id)
+    return metrics
+
+
+def _data_digest(uri: str) -> str | None:
+    """sha256 of a data manifest/records file, or None where it cannot be read from here."""
+    import hashlib
+
+    from llava_platform import storage
+
+    try:
+        if not storage.is_s3(uri) and not storage.local_path(uri).is_file():
+            return None
+        return "sha256:" + hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    except Exception:  # lineage is best effort: an unreadable file must not block registration
+        return None
+
+
+def collect_lineage(client: MlflowClient, stage2_run_id: str, stage1_run_id: str | None = None) -> dict[str, Any]:
+    """Lineage of a stage-2 run from what the training jobs logged: their config params and tags."""
+    import hashlib
+
+    run = client.get_run(stage2_run_id)
+    params, tags = dict(run.data.params), dict(run.data.tags)
+    data_uris: dict[str, str] = {}
+    if params.get("data.records"):
+        data_uris["stage2"] = params["data.records"]
+    if stage1_run_id is None and tags.get("llava.pipeline_id"):
+        found = find_pipeline_run(client, tags["llava.pipeline_id"], "stage1")
+        stage1_run_id = found.info.run_id if found else None
+    if stage1_run_id:
+        records = client.get_run(stage1_run_id).data.params.get("data.records")
+        if records:
+            data_uris["stage1"] = records
+    digests = {k: d for k, uri in data_uris.items() if (d := tags.get(f"llava.data_digest.{k}") or _data_digest(uri))}
+    config_digest = tags.get("llava.config_digest") or hashlib.sha256(
+        json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    code = tags.get("llava.code_version") or (
+        f"git:{tags['mlflow.source.git.commit']}" if tags.get("mlflow.source.git.commit") else None)
+    return {"data_uris": data_uris, "manifest_digests": digests, "stage1_run_id": stage1_run_id,
+            "config_digest": config_digest, "code": code or code_version(),
+            "extra": {"init_from": params["model.init_from"]} if params.get("model.init_from") else None}
+
+
 # --------------------------------------------------------------------------- gate
 
 

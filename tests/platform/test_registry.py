@@ -228,3 +228,116 @@ def test_registry_over_http_server_with_s3_artifacts(mlflow_server, tmp_path, na
     s3 = boto3.client("s3", endpoint_url=mlflow_server.s3_endpoint)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server.bucket)["Contents"]]
     assert any(k.endswith("model/config.json") for k in keys)
+
+
+# --------------------------------------------------------------------------- CLI and promote job
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    import argparse
+
+    from llava_platform.commands import models as models_cmd
+
+    parser = argparse.ArgumentParser(prog="llavactl")
+    models_cmd.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_cli_list_show_promote_rollback(backend, tmp_path, name, capsys):
+    client = backend.client()
+    v1 = _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.8, "scienceqa.accuracy": 0.7})
+    reg.set_lineage(name, v1, client=client, data_uris={"stage2": "data/stage2.json"}, config_digest="cafe")
+    v2 = _register(backend, tmp_path, name, "b", {"shapes.accuracy": 0.5, "scienceqa.accuracy": 0.7})
+    uri = ["--tracking-uri", backend.tracking_uri]
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("regression:\n  metrics: {shapes.accuracy: higher}\n  tolerance: 0.05\n")
+
+    code, out, _ = _cli(["models", "promote", name, v1, "--gate", str(gate), *uri], capsys)
+    assert code == 0 and "PROMOTED" in out
+    code, out, _ = _cli(["models", "promote", name, v2, "--gate", str(gate), *uri], capsys)
+    assert code == 3 and "REFUSED" in out and "shapes.accuracy=0.5" in out
+    code, _, err = _cli(["models", "promote", name, v2, "--force", *uri], capsys)
+    assert code == 2 and "--reason" in err
+    code, out, _ = _cli(["models", "promote", name, v2, "--force", "--reason", "needed for demo", *uri], capsys)
+    assert code == 0 and "FORCED" in out
+
+    code, out, _ = _cli(["models", "list", name, "--json", *uri], capsys)
+    listed = {d["version"]: d for d in json.loads(out)[name]}
+    assert listed[v2]["aliases"] == ["candidate", "champion"]
+    assert listed[v2]["tags"]["llava.forced_reason.champion"] == "needed for demo"
+    assert listed[v1]["lineage"]["config_digest"] == "cafe"
+    code, out, _ = _cli(["models", "list", *uri], capsys)
+    assert code == 0 and f"{name}: 2 version(s)" in out and "shapes.accuracy=0.8" in out
+    code, out, _ = _cli(["models", "show", name, v1, *uri], capsys)
+    assert code == 0 and "config_digest=cafe" in out and "source:" in out
+
+    code, out, _ = _cli(["models", "rollback", name, *uri], capsys)
+    assert code == 0 and f"v{v2} -> v{v1}" in out
+    assert reg.current_alias_version(name, "champion", client=client) == v1
+    code, out, _ = _cli(["models", "history", name, "--json", *uri], capsys)
+    actions = [e["action"] for e in json.loads(out) if e["alias"] == "champion"]
+    assert actions == ["promote", "force", "rollback"]
+    code, _, err = _cli(["models", "show", name, "9", *uri], capsys)
+    assert code == 1 and "no version 9" in err
+
+
+def test_models_cli_without_a_store_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit, match="no MLflow store"):
+        _cli(["models", "list", "--workdir", str(tmp_path / "none")], capsys)
+
+
+def test_promote_job_registers_attaches_eval_and_gates(backend, tmp_path, name, monkeypatch):
+    from mlflow import MlflowClient
+
+    from jobs.promote import main as promote_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    client = backend.client()
+    pipeline = f"pipe-{uuid.uuid4().hex[:6]}"
+    exp = backend.new_experiment("train")
+    records = tmp_path / "stage2.json"
+    records.write_text("[]")
+
+    def train_and_eval(tag: str, accuracy: float) -> str:
+        stage2 = MlflowClient(backend.tracking_uri).create_run(
+            exp, tags={"llava.pipeline_id": f"{pipeline}-{tag}", "llava.phase": "stage2"})
+        run_id = stage2.info.run_id
+        client.log_param(run_id, "data.records", str(records))
+        client.log_artifacts(run_id, str(_model_dir(tmp_path, tag)), "model")
+        client.set_terminated(run_id)
+        ev = client.create_run(exp, tags={"llava.pipeline_id": f"{pipeline}-{tag}", "llava.phase": "evaluate"})
+        client.log_metric(ev.info.run_id, "shapes.accuracy", accuracy)
+        client.set_terminated(ev.info.run_id)
+        return run_id
+
+    first = train_and_eval("a", 0.8)
+    second = train_and_eval("b", 0.4)
+    config = str(Path(__file__).resolve().parents[2] / "jobs/configs/promote_default.yaml")
+    common = [f"tracking_uri={backend.tracking_uri}", f"model_name={name}", "experiment=promote-test"]
+    monkeypatch.setenv("LLAVA_PIPELINE_ID", f"{pipeline}-a")
+    assert promote_main(["--config", config, *common]) == 0
+    assert promote_main(["--config", config, *common]) == 0  # a retried job changes nothing
+    monkeypatch.setenv("LLAVA_PIPELINE_ID", f"{pipeline}-b")
+    assert promote_main(["--config", config, *common]) == 3
+    assert promote_main(["--config", config, *common, "fail_on_refusal=false"]) == 0
+
+    versions = {d["version"]: d for d in reg.list_versions(name, client=client)}
+    assert len(versions) == 2
+    assert versions["1"]["run_id"] == first and versions["2"]["run_id"] == second
+    assert versions["1"]["aliases"] == ["champion"]
+    assert versions["2"]["metrics"] == {"shapes.accuracy": 0.4}
+    lineage = versions["1"]["lineage"]
+    assert json.loads(lineage["data_uris"]) == {"stage2": str(records)}
+    assert json.loads(lineage["manifest_digests"])["stage2"].startswith("sha256:")
+    # the job's own run records the refusal for the operator to find
+    runs = reg.find_runs(client, f"tags.`llava.pipeline_id` = '{pipeline}-b' and tags.`llava.phase` = 'promote'", 5)
+    assert runs and all(r.data.tags["llava.promoted"] == "false" for r in runs)
+    forced = promote_main(["--config", config, *common, "force=true", "reason=accepting lower accuracy"])
+    assert forced == 0
+    assert reg.current_alias_version(name, "champion", client=client) == "2"
+    assert not (tmp_path / "mlruns").exists()
