@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.ray_cluster",
     "tests.fixtures.mlflow_server",
     "tests.fixtures.s3",
+    "tests.fixtures.k8s",
 ]

@@ -58,9 +58,11 @@ class Cluster:
                    PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "operators"), str(REPO_ROOT / "platform"),
                                                str(REPO_ROOT)]))
         env.pop("MLFLOW_TRACKING_URI", None)
-        log = open(self.tmp_path / f"operator-{len(self.operators)}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", NS,
-                                 "-m", "llava_operator.handlers"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        # The child keeps its own copy of the log file descriptor once started.
+        with open(self.tmp_path / f"operator-{len(self.operators)}.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", NS,
+                                     "-m", "llava_operator.handlers"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
         self.operators.append(proc)
         return proc
 
