@@ -1,0 +1,459 @@
+"""Pre-processing with Ray Data: LLaVA records + images -> tokenized Parquet shards + manifest.
+
+    python -m jobs.preprocess --config jobs/configs/preprocess_stage2.yaml input=s3://b/data.jsonl output=s3://b/out
+
+Input (local or s3://, see docs/data-formats.md): a LLaVA JSON list / JSONL file with image files
+under `image_root`, or Parquet (a file or a directory/prefix of *.parquet) with the image bytes inline.
+Every record is validated and encoded by `llava.data.encode.encode_record` in Ray actors; images
+are decoded, checked (corrupt, truncated, empty, mode, pixel limit), padded and resized once and
+stored as PNG. The driver consumes the stream in order and writes fixed-size shards, so memory stays
+bounded by one shard whatever the dataset size, and re-running writes byte-identical output under
+the same names (stale shards from a larger earlier run are removed):
+
+    <output>/shards/shard-00000.parquet ...   id, input_ids, labels, images, num_images, length, modality
+    <output>/rejects/rejects-00000.jsonl ...  {"id", "reason", "record"}
+    <output>/manifest.json                    counts, per-shard sha256, rejects by reason, config + digest
+
+The job fails (exit 1, no manifest) when rejected / total exceeds `max_reject_fraction`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import re
+import sys
+import time
+from collections import Counter
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from llava_platform import storage
+from llava_platform.config import ConfigError, StrictModel, config_digest, flatten, load_config
+from pydantic import Field
+
+log = logging.getLogger("jobs.preprocess")
+MANIFEST_FORMAT = "llava-processed-shards/v1"
+
+SHARD_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("images", pa.list_(pa.binary())),
+    ("num_images", pa.int32()),
+    ("length", pa.int32()),
+    ("modality", pa.string()),
+])
+# What the encoder actors return: a shard row plus the verdict, so one stream carries both.
+RESULT_SCHEMA = pa.schema([*SHARD_SCHEMA, ("ok", pa.bool_()), ("reason", pa.string()), ("record", pa.string())])
+
+
+class ImageRules(StrictModel):
+    max_pixels: int = Field(64_000_000, ge=1)
+    min_side: int = Field(1, ge=1)
+    # Modes PIL can flatten to RGB faithfully; anything else is converted or rejected per `mode_policy`.
+    allowed_modes: list[str] = Field(default_factory=lambda: ["RGB", "RGBA", "L", "LA", "P"])
+    mode_policy: Literal["convert", "reject"] = "convert"
+    image_mode: Literal["pad", "resize"] = "pad"
+
+
+class MlflowSettings(StrictModel):
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI when set, else no logging
+    experiment: str = "preprocess"
+
+
+class PreprocessConfig(StrictModel):
+    input: str
+    output: str
+    input_format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
+    image_root: str | None = None  # default: the directory holding the input file
+    processor: str  # a saved llava-hf model/processor directory (local or s3://)
+    template: Literal["plain", "vicuna_v1", "chatml"] = "vicuna_v1"
+    max_length: int = Field(2048, ge=8)
+    rows_per_shard: int = Field(1000, ge=1)
+    rejects_per_file: int = Field(10000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=1)
+    worker_cpus: float = Field(0.5, gt=0)  # per encoder actor; below 1 so read tasks are not starved
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    images: ImageRules = Field(default_factory=ImageRules)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+
+# -- worker side -------------------------------------------------------------------------------
+def _reject_row(record_id: str, reason: str, original: Any) -> dict[str, Any]:
+    return {"id": record_id, "input_ids": [], "labels": [], "images": [], "num_images": 0, "length": 0,
+            "modality": "", "ok": False, "reason": reason, "record": json.dumps(original, ensure_ascii=False)}
+
+
+class ImageRejected(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes, rules: ImageRules) -> Any:
+    """Bytes -> RGB PIL image, or ImageRejected with `image_<code>: detail`."""
+    from PIL import Image
+
+    from llava.data.images import ImageError, open_image
+
+    if not data:
+        raise ImageRejected("image_empty: 0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # header only: cheap mode and size checks
+            mode, (width, height) = probe.mode, probe.size
+    except Exception as err:  # PIL raises several types for unreadable headers
+        raise ImageRejected(f"image_corrupt: {type(err).__name__}: {_stable(err)}") from None
+    if mode not in rules.allowed_modes and rules.mode_policy == "reject":
+        raise ImageRejected(f"image_mode: {mode} not in allowed modes {rules.allowed_modes}")
+    if min(width, height) < rules.min_side:
+        raise ImageRejected(f"image_empty: {width}x{height} below min_side {rules.min_side}")
+    try:
+        return open_image(data, max_pixels=rules.max_pixels)
+    except ImageError as err:
+        raise ImageRejected(f"image_{_stable(err)}") from None
+
+
+def _stable(err: Exception) -> str:
+    """Error text without object addresses, so a re-run writes byte-identical rejects."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
+
+
+class Encoder:
+    """Ray Data actor: loads the processor once, then encodes batches of raw records."""
+
+    def __init__(self, cfg_json: str, filesystem: Any, image_root: str | None):
+        from transformers import AutoProcessor
+
+        self.cfg = PreprocessConfig.model_validate_json(cfg_json)
+        self.fs = filesystem
+        self.image_root = image_root
+        self.processor = AutoProcessor.from_pretrained(_local_processor(self.cfg.processor))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.encode_one(row) for row in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+    def read_image(self, name: str) -> bytes:
+        if self.image_root is None:
+            raise ImageRejected(f"image_missing: {name} (no image_root for this input)")
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ImageRejected(f"image_path: {name!r} escapes the image root")
+        path = posixpath.join(self.image_root, name)
+        try:
+            with self.fs.open_input_file(path) as handle:
+                return handle.readall()
+        except FileNotFoundError:
+            raise ImageRejected(f"image_missing: {name}") from None
+        except OSError as err:
+            if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+                raise ImageRejected(f"image_missing: {name}") from None
+            raise
+
+    def encode_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        from llava.data.encode import SampleRejected, encode_record
+        from llava.data.records import RecordError, image_list
+
+        record, inline, error = parse_raw(row)
+        rid = str(record.get("id", row.get("fallback_id"))) if isinstance(record, dict) else str(row["fallback_id"])
+        if error:
+            return _reject_row(rid, error, record)
+        try:
+            names = image_list(record)
+            blobs = inline if inline is not None else [self.read_image(n) for n in names]
+            images = [decode_image(b, self.cfg.images) for b in blobs]
+            sample = encode_record(record, self.processor, self.cfg.template, max_length=self.cfg.max_length,
+                                   images=images, image_mode=self.cfg.images.image_mode,
+                                   max_pixels=self.cfg.images.max_pixels)
+        except (ImageRejected, SampleRejected) as err:
+            return _reject_row(rid, err.reason, _without_bytes(record, inline))
+        except RecordError as err:
+            return _reject_row(rid, str(err), _without_bytes(record, inline))
+        pngs = []
+        for img in sample.images:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        return {"id": sample.id, "input_ids": sample.input_ids, "labels": sample.labels, "images": pngs,
+                "num_images": len(pngs), "length": len(sample.input_ids), "modality": sample.modality,
+                "ok": True, "reason": "", "record": ""}
+
+
+def parse_raw(row: dict[str, Any]) -> tuple[Any, list[bytes] | None, str | None]:
+    """A stream row -> (record, inline image bytes or None, error reason or None)."""
+    if "raw" in row:
+        try:
+            record = json.loads(row["raw"])
+        except json.JSONDecodeError as err:
+            return row["raw"], None, f"bad_json: {err.msg} at char {err.pos}"
+        if not isinstance(record, dict):
+            return record, None, f"schema: record is {type(record).__name__}, expected an object"
+        return record, None, None
+    record = {k: v for k, v in row.items() if k not in ("images", "image_bytes", "fallback_id")}
+    conversations = record.get("conversations")
+    if isinstance(conversations, str):
+        try:
+            record["conversations"] = json.loads(conversations)
+        except json.JSONDecodeError as err:
+            return record, None, f"bad_json: conversations: {err.msg}"
+    inline = row.get("images")
+    if inline is None and row.get("image_bytes") is not None:
+        inline = [row["image_bytes"]]
+    inline = list(inline or [])
+    if record.get("image") is None and inline:
+        record["image"] = [f"<inline:{i}>" for i in range(len(inline))]
+    return record, inline, None
+
+
+def _without_bytes(record: Any, inline: list[bytes] | None) -> Any:
+    if inline is None or not isinstance(record, dict):
+        return record
+    return {**record, "image_bytes_lengths": [len(b) for b in inline]}
+
+
+def _local_processor(uri: str) -> str:
+    """A local directory for the processor: downloads an s3:// one once per process."""
+    if not storage.is_s3(uri):
+        return uri
+    import tempfile
+
+    target = tempfile.mkdtemp(prefix="llava-processor-")
+    storage.download_dir(uri, target)
+    return target
+
+
+# -- driver side -------------------------------------------------------------------------------
+def detect_format(cfg: PreprocessConfig) -> str:
+    if cfg.input_format != "auto":
+        return cfg.input_format
+    name = cfg.input.rstrip("/").lower()
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".json"):
+        return "json"
+    return "parquet"
+
+
+def build_dataset(cfg: PreprocessConfig) -> tuple[Any, Any, str | None]:
+    """(ray dataset of raw rows, pyarrow filesystem, image root path inside it)."""
+    import ray.data
+
+    fmt = detect_format(cfg)
+    fs, path = storage.pyarrow_filesystem(cfg.input)
+    root_uri = cfg.image_root if cfg.image_root is not None else cfg.input.rstrip("/").rsplit("/", 1)[0]
+    image_fs, image_root = storage.pyarrow_filesystem(root_uri)
+    if fmt == "json":
+        records = json.loads(storage.read_text(cfg.input))
+        if not isinstance(records, list):
+            raise ConfigError(f"{cfg.input}: a JSON input must hold a list of records")
+        items = [{"raw": json.dumps(r, ensure_ascii=False), "fallback_id": f"index-{i}"} for i, r in enumerate(records)]
+        blocks = max(1, min(-(-len(items) // (cfg.batch_size * 2)), 256))  # enough blocks to feed every actor
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+    elif fmt == "jsonl":
+        ds = ray.data.read_text(path, filesystem=fs, drop_empty_lines=True)
+        ds = ds.map_batches(_jsonl_rows, batch_format="pyarrow")
+    else:
+        ds = ray.data.read_parquet(path, filesystem=fs)
+        ds = ds.map_batches(_parquet_rows, batch_format="pyarrow")
+        image_root = None if cfg.image_root is None else image_root
+    return ds, image_fs, image_root
+
+
+def _jsonl_rows(batch: pa.Table) -> pa.Table:
+    texts = batch.column("text").to_pylist()
+    ids = []
+    for text in texts:  # a readable fallback id for lines that do not parse
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        ids.append(f"line-{digest}")
+    return pa.table({"raw": texts, "fallback_id": ids})
+
+
+def _parquet_rows(batch: pa.Table) -> pa.Table:
+    if "id" not in batch.column_names:
+        raise ValueError("Parquet input needs an 'id' column")
+    return batch.append_column("fallback_id", batch.column("id").cast(pa.string()))
+
+
+class ShardWriter:
+    """Writes rows in order into fixed-size Parquet shards with deterministic names."""
+
+    def __init__(self, output: str, rows_per_shard: int):
+        self.output = output
+        self.rows_per_shard = rows_per_shard
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, table: pa.Table) -> None:
+        while table.num_rows:
+            take = min(self.rows_per_shard - self.buffered, table.num_rows)
+            self.buffer.append(table.slice(0, take))
+            self.buffered += take
+            table = table.slice(take)
+            if self.buffered == self.rows_per_shard:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        table = pa.concat_tables(self.buffer).combine_chunks()
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        name = f"shards/shard-{len(self.shards):05d}.parquet"
+        storage.write_bytes(storage.join(self.output, name), data)
+        modality = Counter(table.column("modality").to_pylist())
+        self.shards.append({"path": name, "rows": table.num_rows, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "tokens": int(pc.sum(table.column("length")).as_py() or 0),
+                            "modality": dict(sorted(modality.items()))})
+        self.buffer, self.buffered = [], 0
+
+
+def _remove_stale(output: str, folder: str, keep: set[str]) -> None:
+    for uri in storage.list_files(storage.join(output, folder)):
+        rel = f"{folder}/{uri.rsplit('/', 1)[-1]}"
+        if rel not in keep:
+            storage.delete(uri)
+
+
+def run(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
+    """Execute the pipeline; returns (manifest-or-report, passed the reject limit)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic shard contents across runs
+    ctx.enable_progress_bars = False
+    start = time.monotonic()
+    ds, image_fs, image_root = build_dataset(cfg)
+    encoded = ds.map_batches(Encoder, batch_format="pyarrow", batch_size=cfg.batch_size,
+                             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "filesystem": image_fs,
+                                                    "image_root": image_root},
+                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+                             num_cpus=cfg.worker_cpus)
+    writer = ShardWriter(cfg.output, cfg.rows_per_shard)
+    rejects: list[dict[str, Any]] = []
+    reject_files: list[str] = []
+    reasons: Counter = Counter()
+    seen: set[str] = set()
+    total = 0
+
+    def flush_rejects(force: bool = False) -> None:
+        while rejects and (force or len(rejects) >= cfg.rejects_per_file):
+            chunk = rejects[: cfg.rejects_per_file]
+            del rejects[: cfg.rejects_per_file]
+            name = f"rejects/rejects-{len(reject_files):05d}.jsonl"
+            storage.write_text(storage.join(cfg.output, name), "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                       for r in chunk))
+            reject_files.append(name)
+
+    for batch in encoded.iter_batches(batch_format="pyarrow", batch_size=cfg.batch_size):
+        total += batch.num_rows
+        keep = []
+        for i, row in enumerate(batch.select(["id", "ok", "reason", "record"]).to_pylist()):
+            reason = row["reason"] if not row["ok"] else ("" if row["id"] not in seen else
+                                                          f"duplicate_id: {row['id']} already written")
+            if reason:
+                original = json.loads(row["record"]) if row["record"] else row["id"]
+                rejects.append({"id": row["id"], "reason": reason, "record": original})
+                reasons[reason.split(":", 1)[0]] += 1
+            else:
+                seen.add(row["id"])
+                keep.append(i)
+        if keep:
+            writer.add(batch.take(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+        flush_rejects()
+    writer.flush()
+    flush_rejects(force=True)
+    _remove_stale(cfg.output, "shards", {s["path"] for s in writer.shards})
+    _remove_stale(cfg.output, "rejects", set(reject_files))
+    written = sum(s["rows"] for s in writer.shards)
+    fraction = (total - written) / total if total else 0.0
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "counts": {"input": total, "written": written, "rejected": total - written},
+        "reject_fraction": round(fraction, 6),
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "reject_files": reject_files,
+        "shards": writer.shards,
+        "modality": dict(sorted(sum((Counter(s["modality"]) for s in writer.shards), Counter()).items())),
+        "total_tokens": sum(s["tokens"] for s in writer.shards),
+        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "config": cfg.model_dump(mode="json"),
+        "config_digest": config_digest(cfg),
+    }
+    passed = fraction <= cfg.max_reject_fraction
+    manifest_uri = storage.join(cfg.output, "manifest.json")
+    if passed:
+        storage.write_text(manifest_uri, json.dumps(manifest, indent=1, sort_keys=True))
+    elif storage.exists(manifest_uri):
+        storage.delete(manifest_uri)  # a failed run must not leave an old manifest vouching for new shards
+    manifest["elapsed_s"] = round(time.monotonic() - start, 3)
+    _log_mlflow(cfg, manifest, passed)
+    return manifest, passed
+
+
+def _log_mlflow(cfg: PreprocessConfig, manifest: dict[str, Any], passed: bool) -> None:
+    import os
+
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return
+    from llava_platform import tracking
+    from mlflow.tracking import MlflowClient
+
+    tracking.configure(uri)
+    run_id = tracking.start_job_run(cfg.mlflow.experiment, "preprocess", phase="preprocess")
+    tracking.log_params(run_id, flatten(manifest["config"]))
+    metrics = {f"count.{k}": v for k, v in manifest["counts"].items()}
+    metrics.update({f"rejects.{k}": v for k, v in manifest["rejects_by_reason"].items()})
+    metrics.update({"reject_fraction": manifest["reject_fraction"], "total_tokens": manifest["total_tokens"],
+                    "elapsed_s": manifest["elapsed_s"]})
+    tracking.log_metrics(run_id, metrics, step=0, timestamp_ms=int(time.time() * 1000))
+    client = MlflowClient()
+    client.set_tag(run_id, "llava.config_digest", manifest["config_digest"])
+    client.log_text(run_id, json.dumps(manifest, indent=1, sort_keys=True), "manifest.json")
+    tracking.finish_run(run_id, "FINISHED" if passed else "FAILED")
+
+
+def print_summary(manifest: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
+    counts = manifest["counts"]
+    print(f"preprocess: {counts['input']} records in, {counts['written']} written in "
+          f"{len(manifest['shards'])} shard(s), {counts['rejected']} rejected "
+          f"({manifest['reject_fraction']:.2%})", file=out)
+    for reason, count in manifest["rejects_by_reason"].items():
+        print(f"  rejected {reason}: {count}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (jobs/configs/preprocess_*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_length=512")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(PreprocessConfig, args.config, args.overrides)
+        manifest, passed = run(cfg)
+    except (ConfigError, storage.StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(manifest)
+    if not passed:
+        print(f"error: reject fraction {manifest['reject_fraction']:.4f} exceeds max_reject_fraction "
+              f"{cfg.max_reject_fraction}; see {storage.join(cfg.output, 'rejects')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
