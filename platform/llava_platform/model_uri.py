@@ -58,7 +58,7 @@ def resolve_model_dir(
     if "://" not in text and not text.startswith(("runs:/", "models:/")):
         return _check_model_dir(Path(text).expanduser(), text)
     if text.startswith("runs:/"):
-        run_id, path = _split_runs_uri(text)
+        run_id, path = split_runs_uri(text)
         return _resolve_run_artifacts(_mlflow_client(client, tracking_uri), run_id, path, cache, text)
     if text.startswith("models:/"):
         return _resolve_registry(_mlflow_client(client, tracking_uri), text, cache, tracking_uri)
@@ -83,7 +83,7 @@ def _check_model_dir(path: Path, uri: str) -> Path:
     return path
 
 
-def _split_runs_uri(uri: str) -> tuple[str, str]:
+def split_runs_uri(uri: str) -> tuple[str, str]:
     rest = uri[len("runs:/"):].lstrip("/")
     run_id, _, path = rest.partition("/")
     if not run_id:
@@ -186,7 +186,7 @@ def _resolve_registry(client: MlflowClient, uri: str, cache: Path, tracking_uri:
 def _path_inside_run(client: MlflowClient, run_id: str | None, source: str) -> str | None:
     """The artifact path of `source` relative to its run's artifact root, when it lies inside it."""
     if source.startswith("runs:/"):
-        return _split_runs_uri(source)[1]
+        return split_runs_uri(source)[1]
     if not run_id:
         return None
     root = client.get_run(run_id).info.artifact_uri.rstrip("/")

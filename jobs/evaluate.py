@@ -1,0 +1,326 @@
+"""Evaluate a llava-hf model: shapes exact match, ScienceQA-format multiple choice, optional judge.
+
+    python -m jobs.evaluate --config jobs/configs/evaluate_shapes.yaml model=models:/llava@candidate
+
+`model` is a local directory, `runs:/<id>/model`, `models:/<name>@<alias>` / `models:/<name>/<v>`
+or `s3://...` (resolved and cached by `llava_platform.model_uri`). The data are the held-out files
+written by `llava.data.synthetic` under `data_dir` (local or s3://):
+`eval/shapes_qa.jsonl`, `eval/scienceqa.jsonl` and, for the judge, `eval/captions.jsonl`.
+
+Writes `results.json`, `report.md` and `chart.png` to `output_dir`, logs them with the flat metrics
+to an MLflow run (phase `evaluate`, tagged with the evaluated model), and when the model is a
+registry version also records the metrics on that version, where the promotion gate reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llava_platform import storage
+from llava_platform.config import ConfigError, StrictModel, load_config
+from llava_platform.judge_client import JudgeError, JudgeSettings
+from llava_platform.model_uri import ModelURIError
+from pydantic import Field
+
+log = logging.getLogger("jobs.evaluate")
+
+
+class BenchmarkConfig(StrictModel):
+    enabled: bool = True
+    path: str | None = None  # None: the standard file under data_dir
+    limit: int | None = Field(None, ge=1)  # first N items (quick checks)
+    max_new_tokens: int = Field(16, ge=1)
+
+
+class GenerationConfig(StrictModel):
+    batch_size: int = Field(8, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+class TrackingConfig(StrictModel):
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI
+    experiment: str = "llava"
+    artifact_location: str | None = None  # None: beside a sqlite store, else the server's default
+    run_name: str | None = None
+    record_on_version: bool = True  # models:/ URIs: copy metrics onto the registry version
+
+
+class EvaluateConfig(StrictModel):
+    model: str = Field(min_length=1)
+    data_dir: str = Field(min_length=1)
+    output_dir: str = ".llava/eval"
+    cache_dir: str | None = None  # where remote models are cached; None: ~/.cache/llava/models
+    shapes: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    scienceqa: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    # LLaVA-Bench-style questions from eval/captions.jsonl; they run only when the judge is enabled.
+    bench: BenchmarkConfig = Field(default_factory=lambda: BenchmarkConfig(max_new_tokens=96))
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+DEFAULT_FILES = {"shapes": "eval/shapes_qa.jsonl", "scienceqa": "eval/scienceqa.jsonl", "bench": "eval/captions.jsonl"}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_jsonl(uri: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{uri} line {n}: not JSON ({err.msg})") from None
+    return rows
+
+
+def load_items(cfg: EvaluateConfig, name: str) -> list[dict[str, Any]]:
+    bench: BenchmarkConfig = getattr(cfg, name)
+    uri = bench.path or storage.join(cfg.data_dir, DEFAULT_FILES[name])
+    if not storage.exists(uri):
+        raise ConfigError(f"{name}: evaluation file {uri} does not exist")
+    items = read_jsonl(uri)
+    return items[: bench.limit] if bench.limit else items
+
+
+class ImageCache:
+    """Images by path relative to data_dir, read once (several questions share an image)."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        self._images: dict[str, Any] = {}
+
+    def get(self, rel: str):
+        from PIL import Image
+
+        if rel not in self._images:
+            data = storage.read_bytes(storage.join(self.data_dir, rel))
+            self._images[rel] = Image.open(io.BytesIO(data)).convert("RGB")
+        return self._images[rel]
+
+
+def _request(text: str, image) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if image is not None:
+        content.append({"type": "image", "image": image})
+    content.append({"type": "text", "text": text})
+    return {"messages": [{"role": "user", "content": content}]}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate_all(model, processor, requests: list[dict[str, Any]], gen: GenerationConfig,
+                 max_new_tokens: int) -> list[str]:
+    from llava.infer.generate import generate_batch
+
+    texts: list[str] = []
+    for start in range(0, len(requests), gen.batch_size):
+        batch = requests[start : start + gen.batch_size]
+        results = generate_batch(model, processor, batch, max_new_tokens=max_new_tokens,
+                                 temperature=gen.temperature, top_p=gen.top_p, stop=None, seed=gen.seed)
+        texts.extend(r.text.strip() for r in results)
+    return texts
+
+
+def run_shapes(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
+    from llava.eval.shapes import score_shapes
+
+    items = load_items(cfg, "shapes")
+    requests = [_request(item["question"], images.get(item["image"]) if item.get("image") else None)
+                for item in items]
+    return score_shapes(items, generate_all(model, processor, requests, cfg.generation, cfg.shapes.max_new_tokens))
+
+
+def run_scienceqa(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
+    from llava.eval.scienceqa import build_prompt, score_scienceqa
+
+    items = load_items(cfg, "scienceqa")
+    requests = [_request(build_prompt(item), images.get(item["image"]) if item.get("image") else None)
+                for item in items]
+    replies = generate_all(model, processor, requests, cfg.generation, cfg.scienceqa.max_new_tokens)
+    return score_scienceqa(items, replies)
+
+
+def run_bench(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
+    from llava_platform.judge_client import judge_answers
+
+    from llava.eval.judge import bench_items_from_captions, relative_scores
+
+    items = bench_items_from_captions(load_items(cfg, "bench"))
+    requests = [_request(item["question"], images.get(item["image"]) if item.get("image") else None)
+                for item in items]
+    answers = generate_all(model, processor, requests, cfg.generation, cfg.bench.max_new_tokens)
+    rows = judge_answers(items, answers, cfg.judge)
+    return {"judge_model": cfg.judge.model, "rules": cfg.judge.rules or "shipped default",
+            "errors": sum(1 for r in rows if r["error"]), "scores": relative_scores(rows), "rows": rows}
+
+
+# --------------------------------------------------------------------------- model and tracking
+
+
+def identify_model(cfg: EvaluateConfig) -> dict[str, Any]:
+    """What is being evaluated. A models:/ alias is pinned to its version now, so the alias moving
+    during the evaluation cannot mix two models' results."""
+    from llava_platform.model_uri import resolve_registry_version, split_runs_uri
+
+    info: dict[str, Any] = {"uri": cfg.model, "resolve_uri": cfg.model}
+    if cfg.model.startswith("runs:/"):
+        info["run_id"] = split_runs_uri(cfg.model)[0]
+    elif cfg.model.startswith("models:/"):
+        from llava_platform.registry import get_client
+
+        mv = resolve_registry_version(get_client(cfg.tracking.tracking_uri), cfg.model)
+        info.update(name=mv.name, version=str(mv.version), run_id=mv.run_id,
+                    resolve_uri=f"models:/{mv.name}/{mv.version}")
+    return info
+
+
+def _tracking_uri(cfg: EvaluateConfig) -> str:
+    from llava_platform import tracking
+
+    return tracking.configure(cfg.tracking.tracking_uri)
+
+
+def start_eval_run(cfg: EvaluateConfig, model_info: dict[str, Any]) -> str:
+    """The MLflow run for this evaluation (phase `evaluate`), tagged with what is evaluated."""
+    from llava_platform import registry, tracking
+
+    uri = _tracking_uri(cfg)
+    location = cfg.tracking.artifact_location
+    if location is None and uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+    tracking.ensure_experiment(cfg.tracking.experiment, location)
+    name = cfg.tracking.run_name or "evaluate-" + (
+        f"{model_info['name']}-v{model_info['version']}" if "version" in model_info else Path(cfg.model).name)
+    run_id = tracking.start_job_run(cfg.tracking.experiment, name[:250], "evaluate")
+    client = registry.get_client(uri)
+    tags = {"llava.model_uri": cfg.model}
+    if model_info.get("run_id"):
+        tags["llava.evaluated_run_id"] = model_info["run_id"]
+    if model_info.get("version"):
+        tags.update({"llava.model_name": model_info["name"], "llava.model_version": model_info["version"]})
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    tracking.log_params(run_id, cfg.model_dump(mode="json"))
+    return run_id
+
+
+def finish_eval_run(cfg: EvaluateConfig, run_id: str, model_info: dict[str, Any], metrics: dict[str, float],
+                    out_dir: Path) -> None:
+    from llava_platform import registry, tracking
+
+    client = registry.get_client(_tracking_uri(cfg))
+    tracking.log_metrics(run_id, metrics, step=0, timestamp_ms=int(time.time() * 1000))
+    client.log_artifacts(run_id, str(out_dir), "eval")
+    tracking.finish_run(run_id)
+    if model_info.get("version") and cfg.tracking.record_on_version:
+        registry.set_version_metrics(model_info["name"], model_info["version"], metrics, client=client,
+                                     eval_run_id=run_id)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
+    if cfg.bench.enabled and cfg.judge.enabled and cfg.judge.api_key_env:
+        import os
+
+        if not os.environ.get(cfg.judge.api_key_env):
+            raise JudgeError(f"judge: environment variable {cfg.judge.api_key_env} (judge.api_key_env) is not set")
+    for name in ("shapes", "scienceqa", "bench"):  # fail on missing data before loading anything
+        bench = getattr(cfg, name)
+        if bench.enabled and (name != "bench" or cfg.judge.enabled):
+            uri = bench.path or storage.join(cfg.data_dir, DEFAULT_FILES[name])
+            if not storage.exists(uri):
+                raise ConfigError(f"{name}: evaluation file {uri} does not exist")
+    model_info = identify_model(cfg)
+    run_id = start_eval_run(cfg, model_info) if cfg.tracking.enabled else None
+    try:
+        results = _evaluate(cfg, model_info)
+        results["eval_run_id"] = run_id
+        out_dir = _write_outputs(cfg, results)
+        if run_id:
+            finish_eval_run(cfg, run_id, model_info, results["metrics"], out_dir)
+    except BaseException:
+        if run_id:
+            from llava_platform import tracking
+
+            tracking.finish_run(run_id, "FAILED")
+        raise
+    return results
+
+
+def _evaluate(cfg: EvaluateConfig, model_info: dict[str, Any]) -> dict[str, Any]:
+    from llava_platform.model_uri import resolve_model_dir
+
+    from llava.eval.report import flat_metrics
+    from llava.infer.load import load_for_inference
+
+    tracking_uri = _tracking_uri(cfg) if cfg.model.startswith(("runs:/", "models:/")) else None
+    model_dir = resolve_model_dir(model_info["resolve_uri"], cfg.cache_dir, tracking_uri=tracking_uri)
+    model, processor = load_for_inference(str(model_dir), device=cfg.generation.device, dtype=cfg.generation.dtype)
+    images = ImageCache(cfg.data_dir)
+    results: dict[str, Any] = {"model": cfg.model, "model_dir": str(model_dir)}
+    if model_info.get("version"):
+        results["model_version"] = f"{model_info['name']} v{model_info['version']}"
+    timings = {}
+    for name, runner, enabled in (("shapes", run_shapes, cfg.shapes.enabled),
+                                  ("scienceqa", run_scienceqa, cfg.scienceqa.enabled),
+                                  ("judge", run_bench, cfg.bench.enabled and cfg.judge.enabled)):
+        if not enabled:
+            continue
+        started = time.perf_counter()
+        results[name] = runner(cfg, model, processor, images)
+        timings[name] = time.perf_counter() - started
+        log.info("%s done in %.1fs", name, timings[name])
+    results["timings_s"] = timings
+    results["metrics"] = flat_metrics(results)
+    return results
+
+
+def _write_outputs(cfg: EvaluateConfig, results: dict[str, Any]) -> Path:
+    from llava.eval.report import markdown_report, render_chart
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "report.md").write_text(markdown_report(results))
+    render_chart(results, out_dir / "chart.png")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="evaluation config YAML (jobs/configs/evaluate_*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=runs:/<id>/model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(EvaluateConfig, args.config, args.overrides)
+        results = run_evaluation(cfg)
+    except (ConfigError, JudgeError, ModelURIError) as err:
+        print(f"jobs.evaluate: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": cfg.model, "metrics": results["metrics"], "eval_run_id": results.get("eval_run_id"),
+                      "output_dir": cfg.output_dir}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

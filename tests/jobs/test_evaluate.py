@@ -1,0 +1,104 @@
+"""jobs.evaluate end to end on CPU: tiny model from the registry, synthetic held-out data, loopback judge.
+
+The tiny model answers nonsense, so the numbers are near zero; what is checked is that every item is
+scored, the scores agree with the scorers applied to the recorded replies, the outputs are written,
+and the metrics reach the MLflow run and the registry version where the gate reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from llava_platform import registry as reg
+
+from llava.eval import scienceqa, shapes
+from tests.eval.judge_server import JudgeServer
+
+CONFIG = Path(__file__).resolve().parents[2] / "jobs/configs/evaluate_shapes.yaml"
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    from llava.data.synthetic import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, 2, n_eval=2, image_size=32)
+    return root
+
+
+def _judge_reply(messages):
+    body = messages[-1]["content"]
+    if "[Question]\nDescribe" in body or "detailed" in body.split("[Assistant 1]")[0]:
+        return "sorry, no scores"  # detail questions: unparseable on purpose
+    return "8, 2\nThe reference is right."
+
+
+def test_evaluate_registry_model_with_judge(mlflow_sqlite, tiny_llava_dir, shapes_data, tmp_path, monkeypatch):
+    from jobs.evaluate import main as evaluate_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("JUDGE_TEST_KEY", "judge-test-key")
+    client = mlflow_sqlite.client()
+    name = f"llava-{uuid.uuid4().hex[:6]}"
+    run_id = mlflow_sqlite.log_model_dir(Path(tiny_llava_dir))
+    version = reg.register_version(name, run_id, client=client)
+    out = tmp_path / "eval-out"
+    with JudgeServer(_judge_reply) as server:
+        code = evaluate_main([
+            "--config", str(CONFIG), f"model=models:/{name}@candidate", f"data_dir={shapes_data}",
+            f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}", f"tracking.tracking_uri={mlflow_sqlite.tracking_uri}",
+            "judge.enabled=true", f"judge.base_url={server.base_url}", "judge.api_key_env=JUDGE_TEST_KEY",
+            "judge.model=loopback-judge", "judge.backoff_base_s=0", "generation.batch_size=4",
+            "bench.max_new_tokens=12",
+        ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "report.md").read_text().startswith(f"# Evaluation of `models:/{name}@candidate`")
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    qa = [json.loads(x) for x in (shapes_data / "eval/shapes_qa.jsonl").read_text().splitlines()]
+    sqa = [json.loads(x) for x in (shapes_data / "eval/scienceqa.jsonl").read_text().splitlines()]
+    rows = results["shapes"]["rows"]
+    assert len(rows) == len(qa) and results["shapes"]["n"] == len(qa)
+    rescored = shapes.score_shapes(qa, [r["prediction"] for r in rows])
+    assert rescored["accuracy"] == results["shapes"]["accuracy"]
+    rescored = scienceqa.score_scienceqa(sqa, [r["reply"] for r in results["scienceqa"]["rows"]])
+    assert rescored["accuracy"] == results["scienceqa"]["accuracy"]
+    assert rescored["unparseable"] == results["scienceqa"]["unparseable"]
+
+    judged = results["judge"]
+    per_cat = judged["scores"]["per_category"]
+    n_images = len((shapes_data / "eval/captions.jsonl").read_text().splitlines())
+    assert per_cat["detail"]["unparseable"] == per_cat["detail"]["n"] == n_images
+    assert per_cat["conv"]["relative"] == pytest.approx(25.0)  # 2 / 8 * 100, from the loopback judge
+    assert judged["scores"]["overall"]["unparseable"] == n_images
+    assert len(server.requests) == 3 * n_images
+
+    # metrics on the MLflow run and on the registry version (what the gate reads)
+    metrics = results["metrics"]
+    eval_run = client.get_run(results["eval_run_id"])
+    assert eval_run.data.tags["llava.phase"] == "evaluate"
+    assert eval_run.data.tags["llava.evaluated_run_id"] == run_id
+    assert eval_run.data.metrics["shapes.accuracy"] == pytest.approx(metrics["shapes.accuracy"])
+    assert eval_run.data.metrics["judge.relative_score"] == pytest.approx(25.0)
+    artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
+    assert {"eval/results.json", "eval/report.md", "eval/chart.png"} <= artifacts
+    mv = client.get_model_version(name, version)
+    assert reg.version_metrics(mv)["scienceqa.accuracy"] == pytest.approx(metrics["scienceqa.accuracy"])
+    assert mv.tags["llava.eval_run_id"] == eval_run.info.run_id
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_evaluate_rejects_bad_config_and_missing_data(tmp_path, capsys, tiny_llava_dir):
+    from jobs.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--config", str(CONFIG), "shapes.limit=0"]) == 2
+    assert "shapes.limit" in capsys.readouterr().err
+    code = evaluate_main(["--config", str(CONFIG), f"model={tiny_llava_dir}", f"data_dir={tmp_path}",
+                          "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    assert "shapes_qa.jsonl does not exist" in capsys.readouterr().err
