@@ -144,11 +144,13 @@ def ray_cluster_spec(spec: PipelineSpec, settings: OperatorSettings, env: dict[s
     return cluster
 
 
-def entrypoint(spec: PipelineSpec, phase: str, name: str, uid: str) -> str:
+def entrypoint(spec: PipelineSpec, settings: OperatorSettings, phase: str, name: str, uid: str) -> str:
+    """`cd <app dir> && python -m jobs.<x> --config <yaml> k=v ...`: the job contract, run from the image's
+    copy of the repository so that relative config paths mean the same as in a checkout."""
     stage = getattr(spec.stages, phase)
     overrides = render_overrides(stage.overrides, placeholder_values(spec, name, uid))
     argv = ["python", "-m", ENTRYPOINT_MODULES[phase], "--config", stage.config, *overrides]
-    return shlex.join(argv)
+    return f"cd {shlex.quote(settings.app_dir)} && {shlex.join(argv)}"
 
 
 def build_rayjob(spec: PipelineSpec, settings: OperatorSettings, *, pipeline: str, uid: str,
@@ -164,7 +166,7 @@ def build_rayjob(spec: PipelineSpec, settings: OperatorSettings, *, pipeline: st
             "labels": {**MANAGED_BY, LABEL_PIPELINE: pipeline, LABEL_PHASE: phase, LABEL_ATTEMPT: str(attempt)},
         },
         "spec": {
-            "entrypoint": entrypoint(spec, phase, pipeline, uid),
+            "entrypoint": entrypoint(spec, settings, phase, pipeline, uid),
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": env}, sort_keys=True),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": spec.ttlSecondsAfterFinished,

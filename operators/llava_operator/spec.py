@@ -145,6 +145,8 @@ class OperatorSettings(StrictModel):
     image: str = "ghcr.io/llava-platform/llava-platform:0.1.0"
     gpu_image: str = "ghcr.io/llava-platform/llava-platform:0.1.0-gpu"
     ray_version: str = "2.60.0"
+    # Where the runtime image keeps the repository; job config paths in a pipeline are relative to it.
+    app_dir: str = "/home/ray/app"
     mlflow_tracking_uri: str | None = None
     # Secret holding MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD when MLflow has auth on.
     mlflow_credentials_secret: str | None = None

@@ -50,7 +50,9 @@ def test_rayjobs_valid_for_kuberay_crd(raw, phase, kuberay_validators):
 def test_rayjob_runs_the_job_contract():
     raw = example_pipeline()
     body = _rayjob(raw, "stage1", attempt=2)
-    argv = shlex.split(body["spec"]["entrypoint"])
+    cd, command = body["spec"]["entrypoint"].split(" && ", 1)
+    assert cd == "cd /home/ray/app"
+    argv = shlex.split(command)
     assert argv[:5] == ["python", "-m", "jobs.train", "--config", "jobs/configs/stage1.yaml"]
     assert "model.vision_path=openai/clip-vit-large-patch14-336" in argv
     assert "output_uri=s3://llava-checkpoints/llava-v15-7b/stage1/" in argv
@@ -63,7 +65,7 @@ def test_rayjob_runs_the_job_contract():
     assert spec["activeDeadlineSeconds"] == 172800
     labels = body["metadata"]["labels"]
     assert labels["llava.dev/pipeline"] == "llava-v15-7b" and labels["llava.dev/attempt"] == "2"
-    promote = shlex.split(_rayjob(raw, "promote")["spec"]["entrypoint"])
+    promote = shlex.split(_rayjob(raw, "promote")["spec"]["entrypoint"].split(" && ", 1)[1])
     assert promote[2] == "jobs.promote" and "gate.threshold=0.85" in promote
 
 
