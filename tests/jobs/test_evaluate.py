@@ -102,3 +102,26 @@ def test_evaluate_rejects_bad_config_and_missing_data(tmp_path, capsys, tiny_lla
                           "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"])
     assert code == 2
     assert "shapes_qa.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_llavactl_eval_on_a_local_model_without_a_store(tiny_llava_dir, shapes_data, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from llava_platform.commands import eval as eval_cmd
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parser = argparse.ArgumentParser(prog="llavactl")
+    eval_cmd.register(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "cli-out"
+    args = parser.parse_args(["eval", "--model", str(tiny_llava_dir), "--data", str(shapes_data), "--out", str(out),
+                              "--limit", "2", "--workdir", str(tmp_path / "no-store"),
+                              "--set", "generation.batch_size=2"])
+    assert args.func(args) == 0
+    assert "results are written locally only" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["shapes"]["n"] == 2 and results["scienceqa"]["n"] == 2
+    assert "judge" not in results and results["eval_run_id"] is None
+    # registry URIs need a store: refused up front with a message saying so
+    args = parser.parse_args(["eval", "--model", "models:/llava@champion", "--workdir", str(tmp_path / "no-store")])
+    with pytest.raises(SystemExit, match="needs an MLflow store"):
+        args.func(args)
