@@ -80,7 +80,7 @@ class PreprocessConfig(StrictModel):
     rejects_per_file: int = Field(10000, ge=1)
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=1)
-    worker_cpus: float = Field(0.5, gt=0)  # per encoder actor; below 1 so read tasks are not starved
+    worker_cpus: float = Field(0.5, gt=0)  # per encoder task; below 1 so read tasks are not starved
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     images: ImageRules = Field(default_factory=ImageRules)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
@@ -126,16 +126,33 @@ def _stable(err: Exception) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
 
 
-class Encoder:
-    """Ray Data actor: loads the processor once, then encodes batches of raw records."""
+# Processors loaded in this worker process, by URI. Ray reuses worker processes across tasks (and
+# across jobs from the same driver), so tasks get actor-like warm state without pinning actors.
+_PROCESSORS: dict[str, Any] = {}
 
-    def __init__(self, cfg_json: str, filesystem: Any, image_root: str | None):
+
+def cached_processor(uri: str) -> Any:
+    if uri not in _PROCESSORS:
         from transformers import AutoProcessor
 
+        _PROCESSORS.clear()  # one at a time keeps a long-lived worker's memory bounded
+        _PROCESSORS[uri] = AutoProcessor.from_pretrained(_local_processor(uri))
+    return _PROCESSORS[uri]
+
+
+def encode_batch(batch: pa.Table, cfg_json: str, filesystem: Any, image_root: str | None) -> pa.Table:
+    """Ray Data task: raw rows -> RESULT_SCHEMA rows (encoded sample or reject)."""
+    return Encoder(cfg_json, filesystem, image_root)(batch)
+
+
+class Encoder:
+    """Encodes raw records with one processor, reading images through a pyarrow filesystem."""
+
+    def __init__(self, cfg_json: str, filesystem: Any, image_root: str | None):
         self.cfg = PreprocessConfig.model_validate_json(cfg_json)
         self.fs = filesystem
         self.image_root = image_root
-        self.processor = AutoProcessor.from_pretrained(_local_processor(self.cfg.processor))
+        self.processor = cached_processor(self.cfg.processor)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self.encode_one(row) for row in batch.to_pylist()]
@@ -335,11 +352,10 @@ def run(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
     ctx.enable_progress_bars = False
     start = time.monotonic()
     ds, image_fs, image_root = build_dataset(cfg)
-    encoded = ds.map_batches(Encoder, batch_format="pyarrow", batch_size=cfg.batch_size,
-                             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "filesystem": image_fs,
-                                                    "image_root": image_root},
-                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-                             num_cpus=cfg.worker_cpus)
+    encoded = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
+                             fn_kwargs={"cfg_json": cfg.model_dump_json(), "filesystem": image_fs,
+                                        "image_root": image_root},
+                             compute=ray.data.TaskPoolStrategy(size=cfg.num_workers), num_cpus=cfg.worker_cpus)
     writer = ShardWriter(cfg.output, cfg.rows_per_shard)
     rejects: list[dict[str, Any]] = []
     reject_files: list[str] = []

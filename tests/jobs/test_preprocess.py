@@ -216,3 +216,31 @@ def test_shipped_configs_load(config):
 
     cfg = load_config(PreprocessConfig, config)
     assert cfg.template in ("plain", "vicuna_v1")
+
+
+def test_llavactl_data_synth_and_preprocess_over_s3(ray_local, tiny_llava_dir, s3_bucket, monkeypatch):
+    """The CLI path: `llavactl data synth` to S3, then `llavactl data preprocess` from S3 to S3 (the
+    job runs in a child process, as `ray job submit` would run it, attached to the test's Ray)."""
+    import argparse
+
+    from llava_platform.commands import data
+
+    parser = argparse.ArgumentParser(prog="llavactl")
+    data.register(parser.add_subparsers(dest="command", required=True))
+
+    def cli(*argv: str) -> int:
+        args = parser.parse_args(list(argv))
+        return args.func(args)
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
+    root = f"s3://{s3_bucket}/shapes"
+    assert cli("data", "synth", "--output", root, "--n", "6", "--n-eval", "2") == 0
+    assert storage.exists(f"{root}/images/shapes_000005.png") and storage.exists(f"{root}/eval/shapes_qa.jsonl")
+    out = f"s3://{s3_bucket}/processed"
+    assert cli("data", "preprocess", "--input", f"{root}/stage1.json", "--output", out,
+               "--processor", str(tiny_llava_dir), "--template", "plain", "num_workers=1") == 0
+    manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
+    assert manifest["counts"] == {"input": 6, "written": 6, "rejected": 0}
+    assert manifest["config"]["template"] == "plain" and manifest["modality"] == {"image": 6}
+    assert cli("data", "preprocess", "--input", f"{root}/missing.json", "--output", out,
+               "--processor", str(tiny_llava_dir)) == 2
