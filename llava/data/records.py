@@ -62,6 +62,8 @@ def to_messages(record: dict) -> list[dict]:
         if role is None:
             raise RecordError(f"schema: conversations[{i}] has unknown role {turn.get('from')!r}")
         messages.append({"role": role, "content": turn["value"]})
+    if messages[-1]["role"] != "assistant":
+        raise RecordError("schema: the conversation must end with a gpt (assistant) turn")
     n_images = len(image_list(record))
     n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages if m["role"] == "user")
     if any(IMAGE_TOKEN in m["content"] for m in messages if m["role"] != "user"):

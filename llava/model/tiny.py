@@ -77,16 +77,44 @@ def build_tiny_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
     )
 
 
+def pretrain_lm(lm: LlamaForCausalLM, tokenizer, corpus: list[str], *, steps: int, batch: int = 32,
+                lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """A short causal-LM pre-training on plain text, so the tiny LM plays the part of a pretrained
+    Vicuna: the LLaVA stages then teach vision, not English. Returns the loss per step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
+    losses = []
+    lm.train()
+    for _ in range(steps):
+        pick = torch.randint(len(corpus), (batch,), generator=gen).tolist()
+        enc = tokenizer([corpus[i] + tokenizer.eos_token for i in pick], return_tensors="pt", padding=True,
+                        truncation=True, max_length=128)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = lm(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    lm.eval()
+    return losses
+
+
 def build_tiny_checkpoints(
     out_dir: str | Path,
     *,
+    corpus: list[str] | None = None,
+    pretrain_steps: int = 300,
     image_size: int = 64,
     patch_size: int = 16,
     text_hidden: int = 128,
     text_layers: int = 2,
     seed: int = 0,
 ) -> tuple[Path, Path]:
-    """Write `<out>/tiny-clip-vision` and `<out>/tiny-llama`; return both paths."""
+    """Write `<out>/tiny-clip-vision` and `<out>/tiny-llama`; return both paths. With a `corpus`,
+    the LM is pre-trained on it for `pretrain_steps` steps; without, its weights stay random."""
     out = Path(out_dir)
     vision_dir, lm_dir = out / "tiny-clip-vision", out / "tiny-llama"
     torch.manual_seed(seed)
@@ -118,6 +146,13 @@ def build_tiny_checkpoints(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(lm_cfg).save_pretrained(lm_dir)
+    lm = LlamaForCausalLM(lm_cfg)
+    if corpus:
+        # Padding is needed only for this batched pre-training; the saved tokenizer has none,
+        # like Llama's, and model assembly adds its own.
+        tokenizer.pad_token = tokenizer.unk_token
+        pretrain_lm(lm, tokenizer, corpus, steps=pretrain_steps, seed=seed)
+        tokenizer.pad_token = None
+    lm.save_pretrained(lm_dir)
     tokenizer.save_pretrained(lm_dir)
     return vision_dir, lm_dir

@@ -32,12 +32,20 @@ def configure(tracking_uri: str | None = None) -> str:
     return mlflow.get_tracking_uri()
 
 
+def sqlite_artifact_location(tracking_uri: str) -> str | None:
+    """For an embedded sqlite store, artifacts live beside the database (not ./mlruns in the cwd)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+
+
 def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    location = artifact_location or sqlite_artifact_location(mlflow.get_tracking_uri())
+    return client.create_experiment(name, artifact_location=location)
 
 
 def run_tags(phase: str | None = None, parent_run_id: str | None = None) -> dict[str, str]:

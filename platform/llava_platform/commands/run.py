@@ -1,0 +1,108 @@
+"""`llavactl run`: the whole pipeline on the embedded default, then one chat with the champion.
+
+Local Ray (what the machine has), MLflow tracking in `sqlite:///DIR/mlflow.db` with artifacts under
+DIR, data and checkpoints under DIR. The pipeline itself runs as a Ray job (`python -m
+jobs.pipeline`) attached to the local cluster, exactly as `ray job submit` would run it on a real
+one; this process then serves `models:/<name>@champion` with Ray Serve and sends it one request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run the whole pipeline on the embedded default and chat with the result")
+    p.add_argument("--workdir", default=".llava", help="where data, checkpoints and MLflow live (default .llava)")
+    p.add_argument("--serve", action="store_true", help="keep the endpoint up until Ctrl-C")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint (127.0.0.1)")
+    p.add_argument("--config", default=None, help="pipeline config (default jobs/configs/pipeline_tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="pipeline key=value overrides, e.g. n_images=500")
+    p.set_defaults(func=run_main)
+
+
+def _start_ray(env: dict[str, str]) -> str:
+    import ray
+
+    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    return ray.get_runtime_context().gcs_address
+
+
+def _run_pipeline(args: argparse.Namespace, workdir: Path, env: dict[str, str], address: str) -> dict:
+    cmd = [sys.executable, "-m", "jobs.pipeline", f"workdir={workdir}", *args.overrides]
+    if args.config:
+        cmd[3:3] = ["--config", args.config]
+    print(f"[run] pipeline job: {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, env={**os.environ, **env, "RAY_ADDRESS": address}, check=False)
+    summary_file = workdir / "pipeline_summary.json"
+    if proc.returncode not in (0, 3) or not summary_file.exists():
+        raise SystemExit(f"[run] pipeline job failed (exit {proc.returncode}); see the output above")
+    return json.loads(summary_file.read_text())
+
+
+def _first_eval_image(workdir: Path) -> Path:
+    images = sorted((workdir / "data" / "images").glob("shapes_eval_*.png"))
+    if not images:
+        raise SystemExit(f"[run] no held-out image under {workdir / 'data' / 'images'}")
+    return images[0]
+
+
+def _chat_once(base_url: str, model: str, image: Path) -> str:
+    import httpx
+
+    from llava_platform.commands.chat import image_data_url
+
+    body = {"model": model, "max_tokens": 32, "temperature": 0.0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+        {"type": "text", "text": "How many shapes are in the image?"}]}]}
+    resp = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+    resp.raise_for_status()
+    return resp.json()["choices"][0]["message"]["content"]
+
+
+def run_main(args: argparse.Namespace) -> int:
+    from llava_platform import tracking
+
+    started = time.time()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking.embedded_tracking_uri(workdir)
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    os.environ.update(env)
+    address = _start_ray(env)
+    print(f"[run] local Ray at {address}; MLflow at {tracking_uri}", flush=True)
+    try:
+        summary = _run_pipeline(args, workdir, env, address)
+        if not summary["promoted"]:
+            print(f"[run] {summary['model_name']} v{summary['version']} did not pass the promotion gate, so there "
+                  "is no new champion to serve; see `llavactl models show`.")
+            return 3
+        from llava_platform.serving.launch import shutdown_local, start_local
+
+        model_uri = f"models:/{summary['model_name']}@champion"
+        print(f"[run] serving {model_uri} with Ray Serve", flush=True)
+        base_url = start_local(model_uri, port=args.port)
+        image = _first_eval_image(workdir)
+        question = "How many shapes are in the image?"
+        answer = _chat_once(base_url, summary["model_name"], image)
+        print(f"[run] asked about {image.name}: {question!r}")
+        print(f"[run] answer: {answer!r}")
+        print(f"[run] endpoint: {base_url}/v1/chat/completions (OpenAI-compatible)")
+        print(f"[run] MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --port 5000")
+        print(f"[run] finished in {time.time() - started:.0f}s", flush=True)
+        if args.serve:
+            print("[run] serving until Ctrl-C", flush=True)
+            while True:
+                time.sleep(3600)
+        shutdown_local()
+    finally:
+        import ray
+
+        ray.shutdown()
+    return 0
