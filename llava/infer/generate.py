@@ -219,11 +219,17 @@ def generate_batch(
     stop: Sequence[str] | None = None,
     seed: int | None = None,
     image_mode: str = "pad",
+    prompts: Sequence[PreparedPrompt] | None = None,
 ) -> list[GenerationResult]:
-    """Generate one answer per request in a single left-padded `model.generate` call."""
+    """Generate one answer per request in a single left-padded `model.generate` call.
+
+    `prompts`, when given, are the requests' already rendered prompts (serving renders them once to
+    check the context length and passes them on rather than pre-processing the images twice).
+    """
     if not requests:
         return []
-    prompts = [render_prompt(processor, r["messages"], image_mode=image_mode) for r in requests]
+    if prompts is None:
+        prompts = [render_prompt(processor, r["messages"], image_mode=image_mode) for r in requests]
     encoded = encode_prompts(processor, prompts)
     prompt_len = int(encoded["input_ids"].shape[1])
     prompt_counts = encoded["attention_mask"].sum(dim=1).tolist()

@@ -264,6 +264,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "ray_actor_options": m.resources.ray_actor_options(),
         "health_check_period_s": m.health_check_period_s,
         "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
+        "logging_config": {"enable_access_log": cfg.access_log},
     }
     if m.autoscaling is not None:
         model_opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
@@ -277,5 +278,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_queued_requests=i.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
         ray_actor_options=i.resources.ray_actor_options(),
+        logging_config={"enable_access_log": cfg.access_log},
     )
     return ingress.bind(model, plain)

@@ -112,6 +112,7 @@ class ServeConfig(StrictModel):
     mlflow_tracking_uri: str | None = None
     model_cache_dir: str | None = None
     retry_after_s: int = Field(1, ge=1)
+    access_log: bool = True  # one log line per request per replica; off for load tests
     limits: Limits = Limits()
     auth: Auth = Auth()
     model: ModelDeployment = ModelDeployment()

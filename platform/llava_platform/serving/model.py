@@ -66,29 +66,30 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> LoadedModel:
                        int(getattr(model.config, "image_seq_length", 0) or 0), time.time())
 
 
-def _check_request(bundle: LoadedModel, item: dict[str, Any], image_mode: str) -> dict[str, Any] | None:
-    """Render and count the prompt; an error dict (OpenAI shape + status) when it cannot run."""
+def _check_request(bundle: LoadedModel, item: dict[str, Any], image_mode: str) -> tuple[Any, dict[str, Any] | None]:
+    """Render and count the prompt: (prompt, None), or (None, error dict: OpenAI shape + status)."""
     from llava.infer.generate import PromptError, render_prompt
 
     try:
         prompt = render_prompt(bundle.processor, item["messages"], image_mode=image_mode)
     except PromptError as err:
-        return {"status": 400, "message": str(err), "param": "messages", "code": "invalid_messages"}
+        return None, {"status": 400, "message": str(err), "param": "messages", "code": "invalid_messages"}
     image_token = getattr(bundle.processor, "image_token", "<image>")
     # Text tokens plus each placeholder's expansion: cheaper than running the image processor twice.
     n_text = len(bundle.processor.tokenizer(prompt.text)["input_ids"])
     n_prompt = n_text + len(prompt.images) * max(bundle.image_tokens - 1, 0)
     if prompt.text.count(image_token) != len(prompt.images):
-        return {"status": 400, "message": "image placeholder mismatch", "param": "messages", "code": "invalid_messages"}
+        return None, {"status": 400, "message": "image placeholder mismatch", "param": "messages",
+                      "code": "invalid_messages"}
     if n_prompt + item["max_new_tokens"] > bundle.context_length:
-        return {
+        return None, {
             "status": 400,
             "message": (f"this model's maximum context length is {bundle.context_length} tokens; the prompt has "
                         f"{n_prompt} tokens and max_tokens is {item['max_new_tokens']}"),
             "param": "messages",
             "code": "context_length_exceeded",
         }
-    return None
+    return prompt, None
 
 
 def _group_key(item: dict[str, Any]) -> tuple:
@@ -166,9 +167,10 @@ class LlavaModel:
         from llava.infer.generate import generate_batch
 
         out: list[dict[str, Any] | None] = [None] * len(items)
+        prompts: list[Any] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
-            error = _check_request(bundle, item, self.cfg.image_mode)
+            prompts[i], error = _check_request(bundle, item, self.cfg.image_mode)
             if error is not None:
                 out[i] = {"error": error}
             else:
@@ -182,7 +184,7 @@ class LlavaModel:
                     results = generate_batch(
                         bundle.model, bundle.processor, reqs, max_new_tokens=first["max_new_tokens"],
                         temperature=first["temperature"], top_p=first["top_p"], stop=None, seed=first["seed"],
-                        image_mode=self.cfg.image_mode,
+                        image_mode=self.cfg.image_mode, prompts=[prompts[i] for i in rows],
                     )
             except Exception as err:  # one bad group must not fail the other rows of the batch
                 log.exception("generation failed")
@@ -197,7 +199,7 @@ class LlavaModel:
     async def stream(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Events {"delta"} ... {"finish_reason", counts}; or a single {"error"} before any text."""
         bundle = self.bundle
-        error = await asyncio.to_thread(_check_request, bundle, item, self.cfg.image_mode)
+        _, error = await asyncio.to_thread(_check_request, bundle, item, self.cfg.image_mode)
         if error is not None:
             yield {"error": error}
             return
