@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from llava_platform import storage
 from llava_platform.config import ConfigError, StrictModel, load_config
 from llava_platform.judge_client import JudgeError, JudgeSettings
 from llava_platform.model_uri import ModelURIError
-from pydantic import Field
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -158,9 +159,8 @@ def run_scienceqa(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
 
 
 def run_bench(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
-    from llava_platform.judge_client import judge_answers
-
     from llava.eval.judge import bench_items_from_captions, relative_scores
+    from llava_platform.judge_client import judge_answers
 
     items = bench_items_from_captions(load_items(cfg, "bench"))
     requests = [_request(item["question"], images.get(item["image"]) if item.get("image") else None)
@@ -267,10 +267,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: EvaluateConfig, model_info: dict[str, Any]) -> dict[str, Any]:
-    from llava_platform.model_uri import resolve_model_dir
-
     from llava.eval.report import flat_metrics
     from llava.infer.load import load_for_inference
+    from llava_platform.model_uri import resolve_model_dir
 
     tracking_uri = _tracking_uri(cfg) if cfg.model.startswith(("runs:/", "models:/")) else None
     model_dir = resolve_model_dir(model_info["resolve_uri"], cfg.cache_dir, tracking_uri=tracking_uri)

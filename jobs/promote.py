@@ -22,11 +22,12 @@ import os
 import sys
 from typing import Any
 
+from pydantic import Field
+
 from llava_platform import registry as reg
 from llava_platform import tracking
 from llava_platform.config import ConfigError, StrictModel, load_config
 from llava_platform.registry import GateConfig, MetricBound
-from pydantic import Field
 
 
 class SourceConfig(StrictModel):
@@ -34,6 +35,7 @@ class SourceConfig(StrictModel):
     pipeline_id: str | None = None  # None: LLAVA_PIPELINE_ID from the environment
     phase: str = "stage2"
     artifact_path: str = "model"
+    stage1_run_id: str | None = None  # lineage; None: found through the pipeline id or the parent run
 
 
 class MetricsConfig(StrictModel):
@@ -114,7 +116,7 @@ def run_promotion(cfg: PromoteConfig) -> dict[str, Any]:
     stage2 = find_stage2_run(client, cfg)
     version = reg.register_version(cfg.model_name, stage2, cfg.source.artifact_path, client=client,
                                    candidate_alias=cfg.candidate_alias)
-    lineage = reg.collect_lineage(client, stage2)
+    lineage = reg.collect_lineage(client, stage2, cfg.source.stage1_run_id)
     reg.set_lineage(cfg.model_name, version, client=client, **lineage)
     eval_run = find_eval_run(client, cfg, stage2)
     if eval_run is None and cfg.metrics.required:

@@ -299,6 +299,11 @@ def collect_lineage(client: MlflowClient, stage2_run_id: str, stage1_run_id: str
     if stage1_run_id is None and tags.get("llava.pipeline_id"):
         found = find_pipeline_run(client, tags["llava.pipeline_id"], "stage1")
         stage1_run_id = found.info.run_id if found else None
+    if stage1_run_id is None and tags.get("mlflow.parentRunId"):
+        # embedded runs carry no pipeline id; stage 1 is then the sibling under the same parent run
+        siblings = find_runs(client, f"tags.`mlflow.parentRunId` = '{tags['mlflow.parentRunId']}' "
+                                     "and tags.`llava.phase` = 'stage1'")
+        stage1_run_id = siblings[0].info.run_id if siblings else None
     if stage1_run_id:
         records = client.get_run(stage1_run_id).data.params.get("data.records")
         if records:

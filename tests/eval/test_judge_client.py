@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from llava_platform.judge_client import JudgeError, JudgeSettings, judge_answers
 
 from llava.eval import judge
+from llava_platform.judge_client import JudgeError, JudgeSettings, judge_answers
 from tests.eval.judge_server import JudgeServer
 
 ITEMS = [

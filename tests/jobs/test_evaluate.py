@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from llava_platform import registry as reg
 
 from llava.eval import scienceqa, shapes
+from llava_platform import registry as reg
 from tests.eval.judge_server import JudgeServer
 
 CONFIG = Path(__file__).resolve().parents[2] / "jobs/configs/evaluate_shapes.yaml"

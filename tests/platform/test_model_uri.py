@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from llava_platform import registry as reg
 from llava_platform.model_uri import COMPLETE_MARKER, ModelURIError, resolve_model_dir
 

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from llava_platform import registry as reg
 from llava_platform.registry import GateConfig, MetricBound, RegistryError, RegressionRule
 
@@ -341,3 +342,25 @@ def test_promote_job_registers_attaches_eval_and_gates(backend, tmp_path, name, 
     assert forced == 0
     assert reg.current_alias_version(name, "champion", client=client) == "2"
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_collect_lineage_finds_stage1_by_pipeline_or_parent(backend, tmp_path):
+    client = backend.client()
+    exp = backend.new_experiment("lineage")
+    records = tmp_path / "records.json"
+    records.write_text('[{"id": "a"}]')
+    parent = client.create_run(exp).info.run_id
+    stage1 = client.create_run(exp, tags={"mlflow.parentRunId": parent, "llava.phase": "stage1"}).info.run_id
+    client.log_param(stage1, "data.records", "s3://data/stage1.json")
+    stage2 = client.create_run(exp, tags={"mlflow.parentRunId": parent, "llava.phase": "stage2",
+                                          "mlflow.source.git.commit": "abc123"}).info.run_id
+    client.log_param(stage2, "data.records", str(records))
+    client.log_param(stage2, "model.init_from", "/work/models/stage1")
+    lineage = reg.collect_lineage(client, stage2)
+    assert lineage["stage1_run_id"] == stage1
+    assert lineage["data_uris"] == {"stage2": str(records), "stage1": "s3://data/stage1.json"}
+    import hashlib
+
+    assert lineage["manifest_digests"] == {"stage2": "sha256:" + hashlib.sha256(records.read_bytes()).hexdigest()}
+    assert lineage["code"] == "git:abc123" and lineage["extra"] == {"init_from": "/work/models/stage1"}
+    assert lineage["config_digest"] == reg.collect_lineage(client, stage2)["config_digest"]  # stable
