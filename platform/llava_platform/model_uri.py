@@ -166,8 +166,10 @@ def _resolve_registry(client: MlflowClient, uri: str, cache: Path, tracking_uri:
     # version resolves to a new entry, while resolving the same version again is a cache hit.
     digest = hashlib.sha256(f"{mv.run_id}|{source}".encode()).hexdigest()[:12]
     key = f"models/{_safe(mv.name)}/v{mv.version}-{digest}"
-    if "://" not in source and not source.startswith(("runs:/", "models:/")) and Path(source).is_dir():
-        return _check_model_dir(Path(source), uri)  # local artifact store: use it in place
+    local = Path(urlparse(source).path) if source.startswith("file://") else Path(source)
+    if "://" not in source.replace("file://", "", 1) and not source.startswith(("runs:/", "models:/")) \
+            and local.is_dir():
+        return _check_model_dir(local, uri)  # local artifact store: use it in place, no copy
 
     def fetch(tmp: Path) -> Path:
         run_path = _path_inside_run(client, mv.run_id, source)

@@ -458,6 +458,10 @@ def replay_stack(history: list[dict[str, Any]], alias: str) -> list[str]:
             if stack:
                 stack.pop()
         elif entry.get("to") is not None:
+            if not stack and entry.get("from") is not None:
+                # the alias was set before any recorded history (by hand, or an older tool): keep that
+                # holder so a rollback can return to it
+                stack.append(str(entry["from"]))
             stack.append(str(entry["to"]))
     return stack
 

@@ -60,7 +60,10 @@ def test_runs_and_models_uris_on_sqlite(mlflow_sqlite, tiny_llava_dir, tmp_path)
     version = reg.register_version(name, run_id, client=client)
     reg.promote(name, version, client=client)
     for uri in (f"models:/{name}@champion", f"models:/{name}/{version}"):
-        _same_files(resolve_model_dir(uri, cache, client=client), Path(tiny_llava_dir))
+        resolved = resolve_model_dir(uri, cache, client=client)
+        _same_files(resolved, Path(tiny_llava_dir))
+        # a local artifact store is used in place rather than copied into the cache
+        assert not resolved.is_relative_to(cache) and resolved.is_relative_to(mlflow_sqlite.root)
     with pytest.raises(ModelURIError, match="nope"):
         resolve_model_dir(f"models:/{name}@nope", cache, client=client)
 

@@ -364,3 +364,12 @@ def test_collect_lineage_finds_stage1_by_pipeline_or_parent(backend, tmp_path):
     assert lineage["manifest_digests"] == {"stage2": "sha256:" + hashlib.sha256(records.read_bytes()).hexdigest()}
     assert lineage["code"] == "git:abc123" and lineage["extra"] == {"init_from": "/work/models/stage1"}
     assert lineage["config_digest"] == reg.collect_lineage(client, stage2)["config_digest"]  # stable
+
+
+def test_alias_set_outside_the_history_can_still_be_rolled_back_to(backend, tmp_path, name):
+    client = backend.client()
+    v1 = _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.8})
+    v2 = _register(backend, tmp_path, name, "b", {"shapes.accuracy": 0.9})
+    client.set_registered_model_alias(name, "champion", v1)  # by hand, e.g. in the MLflow UI
+    assert reg.promote(name, v2, client=client).promoted
+    assert reg.rollback(name, client=client).to_version == v1
