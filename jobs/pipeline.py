@@ -33,7 +33,7 @@ class PipelineConfig(StrictModel):
     seed: int = 0
     n_images: int = Field(300, gt=0, description="synthetic training images")
     image_size: int = Field(64, ge=24)
-    lm_pretrain_steps: int = Field(300, ge=0, description="text pre-training of the tiny LM (stands in for Vicuna)")
+    lm_pretrain_steps: int = Field(150, ge=0, description="text pre-training of the tiny LM (stands in for Vicuna)")
     stage1_config: str = "tiny_stage1.yaml"
     stage1_overrides: list[str] = []
     stage2_config: str = "tiny_stage2.yaml"

@@ -13,7 +13,6 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import ray.train
@@ -205,9 +204,12 @@ def train_loop(config: dict) -> None:
     position = _restore(engine, ctx)
     start = position.step if position else 0
     if ctx.lead and ctx.run_id:
-        tracking.log_params(ctx.run_id, {"trainable": counts, "total_steps": total, "accumulation": plan.accumulation,
-                                         "world_size": ctx.world_size, "samples": len(samples),
-                                         "resumed_at_step": start})
+        if start == 0:  # params are write-once in MLflow; a restarted worker group must not re-log them
+            tracking.log_params(ctx.run_id, {"trainable": counts, "total_steps": total, "samples": len(samples),
+                                             "accumulation": plan.accumulation, "world_size": ctx.world_size})
+        else:
+            tracking.log_metrics(ctx.run_id, {"resumed_at_step": start}, step=start,
+                                 timestamp_ms=int(time.time() * 1000))
     _say(ctx, f"stage {cfg.stage}: {len(samples)} samples, {total} steps of {plan.global_batch} "
               f"({plan.micro_batch} x {plan.accumulation} accumulation x {ctx.world_size} workers), "
               f"ZeRO-{cfg.distributed.zero_stage}, {precision}" + (f", resuming at step {start}" if start else ""))

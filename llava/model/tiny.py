@@ -77,7 +77,7 @@ def build_tiny_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
     )
 
 
-def pretrain_lm(lm: LlamaForCausalLM, tokenizer, corpus: list[str], *, steps: int, batch: int = 32,
+def pretrain_lm(lm: LlamaForCausalLM, tokenizer, corpus: list[str], *, steps: int, batch: int = 16,
                 lr: float = 3e-3, seed: int = 0) -> list[float]:
     """A short causal-LM pre-training on plain text, so the tiny LM plays the part of a pretrained
     Vicuna: the LLaVA stages then teach vision, not English. Returns the loss per step."""
@@ -89,7 +89,7 @@ def pretrain_lm(lm: LlamaForCausalLM, tokenizer, corpus: list[str], *, steps: in
     for _ in range(steps):
         pick = torch.randint(len(corpus), (batch,), generator=gen).tolist()
         enc = tokenizer([corpus[i] + tokenizer.eos_token for i in pick], return_tensors="pt", padding=True,
-                        truncation=True, max_length=128)
+                        truncation=True, max_length=64)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = lm(**enc, labels=labels).loss
         loss.backward()
