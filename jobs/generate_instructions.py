@@ -27,13 +27,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llava_platform import storage
-from llava_platform.config import ConfigError, StrictModel, config_digest, load_config
 from pydantic import Field
 
 from llava.datagen.parse import ReplyParseError, reply_to_record
 from llava.datagen.prompts import build_messages, load_prompt_dir
 from llava.datagen.rule_teacher import TASK_TYPES, RuleTeacher
+from llava_platform import storage
+from llava_platform.config import ConfigError, StrictModel, config_digest, load_config
 
 log = logging.getLogger("jobs.generate_instructions")
 TaskType = Literal["conversation", "detail_description", "complex_reasoning"]

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import re
 import sys
@@ -34,9 +35,10 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field
+
 from llava_platform import storage
 from llava_platform.config import ConfigError, StrictModel, config_digest, flatten, load_config
-from pydantic import Field
 
 log = logging.getLogger("jobs.preprocess")
 MANIFEST_FORMAT = "llava-processed-shards/v1"
@@ -131,28 +133,29 @@ def _stable(err: Exception) -> str:
 _PROCESSORS: dict[str, Any] = {}
 
 
-def cached_processor(uri: str) -> Any:
+def cached_processor(uri: str, filesystem: Any = None) -> Any:
     if uri not in _PROCESSORS:
         from transformers import AutoProcessor
 
         _PROCESSORS.clear()  # one at a time keeps a long-lived worker's memory bounded
-        _PROCESSORS[uri] = AutoProcessor.from_pretrained(_local_processor(uri))
+        _PROCESSORS[uri] = AutoProcessor.from_pretrained(_local_processor(uri, filesystem))
     return _PROCESSORS[uri]
 
 
-def encode_batch(batch: pa.Table, cfg_json: str, filesystem: Any, image_root: str | None) -> pa.Table:
+def encode_batch(batch: pa.Table, cfg_json: str, filesystem: Any, image_root: str | None,
+                 processor_fs: Any = None) -> pa.Table:
     """Ray Data task: raw rows -> RESULT_SCHEMA rows (encoded sample or reject)."""
-    return Encoder(cfg_json, filesystem, image_root)(batch)
+    return Encoder(cfg_json, filesystem, image_root, processor_fs)(batch)
 
 
 class Encoder:
     """Encodes raw records with one processor, reading images through a pyarrow filesystem."""
 
-    def __init__(self, cfg_json: str, filesystem: Any, image_root: str | None):
+    def __init__(self, cfg_json: str, filesystem: Any, image_root: str | None, processor_fs: Any = None):
         self.cfg = PreprocessConfig.model_validate_json(cfg_json)
         self.fs = filesystem
         self.image_root = image_root
-        self.processor = cached_processor(self.cfg.processor)
+        self.processor = cached_processor(self.cfg.processor, processor_fs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self.encode_one(row) for row in batch.to_pylist()]
@@ -235,14 +238,27 @@ def _without_bytes(record: Any, inline: list[bytes] | None) -> Any:
     return {**record, "image_bytes_lengths": [len(b) for b in inline]}
 
 
-def _local_processor(uri: str) -> str:
-    """A local directory for the processor: downloads an s3:// one once per process."""
+def _local_processor(uri: str, filesystem: Any = None) -> str:
+    """A local directory for the processor: copies an s3:// one once per process, through the
+    pyarrow filesystem the driver built (it carries the endpoint and credentials, so workers need
+    no AWS variables of their own)."""
     if not storage.is_s3(uri):
         return uri
     import tempfile
 
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem, storage.split_s3(uri)[0] + "/" + storage.split_s3(uri)[1].rstrip("/")
+    if fs is None:
+        fs, root = storage.pyarrow_filesystem(uri)
     target = tempfile.mkdtemp(prefix="llava-processor-")
-    storage.download_dir(uri, target)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        dest = os.path.join(target, os.path.relpath(info.path, root))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
+            out.write(src.readall())
     return target
 
 
@@ -354,7 +370,8 @@ def run(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
     ds, image_fs, image_root = build_dataset(cfg)
     encoded = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                              fn_kwargs={"cfg_json": cfg.model_dump_json(), "filesystem": image_fs,
-                                        "image_root": image_root},
+                                        "image_root": image_root,
+                                        "processor_fs": storage.pyarrow_filesystem(cfg.processor)[0]},
                              compute=ray.data.TaskPoolStrategy(size=cfg.num_workers), num_cpus=cfg.worker_cpus)
     writer = ShardWriter(cfg.output, cfg.rows_per_shard)
     rejects: list[dict[str, Any]] = []
@@ -419,13 +436,12 @@ def run(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
 
 
 def _log_mlflow(cfg: PreprocessConfig, manifest: dict[str, Any], passed: bool) -> None:
-    import os
-
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return
-    from llava_platform import tracking
     from mlflow.tracking import MlflowClient
+
+    from llava_platform import tracking
 
     tracking.configure(uri)
     run_id = tracking.start_job_run(cfg.mlflow.experiment, "preprocess", phase="preprocess")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from llava_platform.teacher_client import TeacherClient, TeacherError, TeacherSettings, retry_after_seconds
 
 from llava.datagen.prompts import DEFAULT_PROMPT_DIR, build_messages, load_prompt_dir
+from llava_platform.teacher_client import TeacherClient, TeacherError, TeacherSettings, retry_after_seconds
 from tests.datagen.teacher_server import TeacherServer
 
 PROMPTS = load_prompt_dir(DEFAULT_PROMPT_DIR)

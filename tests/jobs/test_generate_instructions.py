@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from llava_platform import storage
 
 from jobs.generate_instructions import main
 from llava.datagen.prompts import BOX_LINE, load_prompt_dir
 from llava.datagen.rule_teacher import TASK_TYPES
+from llava_platform import storage
 from tests.datagen.teacher_server import TeacherServer
 
 REFERENCE = Path("/work/shared/reference/llava")

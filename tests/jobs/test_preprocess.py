@@ -11,11 +11,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from llava_platform import storage
 from PIL import Image
 
 from jobs.preprocess import SHARD_SCHEMA, main
 from llava.data.synthetic import write_shapes_dataset
+from llava_platform import storage
 
 GOOD_IMAGE_SIZE = 64
 
@@ -86,7 +86,7 @@ def _read_rejects(out: str) -> list[dict]:
             for line in storage.read_text(uri).splitlines()]
 
 
-def _args(out: str, inp: str, processor: Path, *extra: str) -> list[str]:
+def _args(out: str, inp: str, processor: Path | str, *extra: str) -> list[str]:
     return ["--config", "jobs/configs/preprocess_stage2.yaml", f"input={inp}", f"output={out}",
             f"processor={processor}", "max_length=256", "images.max_pixels=10000", "rows_per_shard=5",
             "batch_size=4", "num_workers=1", "max_reject_fraction=0.6", *extra]
@@ -130,9 +130,11 @@ def test_mixed_dataset_over_s3_twice(ray_local, tiny_llava_dir, s3_bucket, tmp_p
     (tmp_path / "data" / "records.jsonl").write_text(
         "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     storage.upload_dir(tmp_path / "data", f"s3://{s3_bucket}/raw")
+    storage.upload_dir(tiny_llava_dir, f"s3://{s3_bucket}/models/base")  # the processor comes from S3 too
     out = f"s3://{s3_bucket}/processed"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _args(out, f"s3://{s3_bucket}/raw/records.jsonl", tiny_llava_dir, f"mlflow.tracking_uri={tracking}")
+    args = _args(out, f"s3://{s3_bucket}/raw/records.jsonl", f"s3://{s3_bucket}/models/base",
+                 f"mlflow.tracking_uri={tracking}")
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "rejected image_corrupt: 2" in printed and "rejected bad_json: 1" in printed
@@ -210,9 +212,8 @@ def test_config_errors_name_the_key(tmp_path, capsys):
 
 @pytest.mark.parametrize("config", sorted(Path("jobs/configs").glob("preprocess_*.yaml")))
 def test_shipped_configs_load(config):
-    from llava_platform.config import load_config
-
     from jobs.preprocess import PreprocessConfig
+    from llava_platform.config import load_config
 
     cfg = load_config(PreprocessConfig, config)
     assert cfg.template in ("plain", "vicuna_v1")

@@ -7,6 +7,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from llava_platform import storage
 from llava_platform.storage import Storage, StorageError
 
