@@ -17,6 +17,7 @@ from pathlib import Path
 
 import kmock
 import pytest
+import yaml
 from kubernetes import client
 
 from tests.fixtures.k8s import schema_errors
@@ -53,11 +54,12 @@ class Cluster:
         self.generation = 1
 
     # -- the operator ------------------------------------------------------------------------------
-    def start_operator(self) -> subprocess.Popen:
-        env = dict(os.environ, KUBECONFIG=str(self.emulator.kubeconfig), LLAVA_OPERATOR_RECONCILE_SECONDS="0.2",
+    def start_operator(self, **extra_env: str) -> subprocess.Popen:
+        env = dict(os.environ, **extra_env, KUBECONFIG=str(self.emulator.kubeconfig), LLAVA_OPERATOR_RECONCILE_SECONDS="0.2",
                    PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "operators"), str(REPO_ROOT / "platform"),
                                                str(REPO_ROOT)]))
-        env.pop("MLFLOW_TRACKING_URI", None)
+        if "LLAVA_OPERATOR_MLFLOW_TRACKING_URI" not in extra_env:
+            env.pop("MLFLOW_TRACKING_URI", None)
         # The child keeps its own copy of the log file descriptor once started.
         with open(self.tmp_path / f"operator-{len(self.operators)}.log", "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", NS,
@@ -113,7 +115,7 @@ class Cluster:
         history = self.emulator.history(f"{RAY[0]}/{RAY[1]}/{plural}", NS, name)
         return sum(1 for i, v in enumerate(history) if v is not None and (i == 0 or history[i - 1] is None))
 
-    def wait(self, what: str, predicate: Callable[[], object], timeout: float = 30.0):
+    def wait(self, what: str, predicate: Callable[[], object], timeout: float = 90.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
@@ -259,3 +261,35 @@ def test_invalid_spec_is_reported_not_crashed_on(cluster):
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "${no.such.key}" in ready["message"]
     assert not [n for n in cluster.rayjobs() if "stage1" in n]
+
+
+def test_status_records_mlflow_runs_and_model_version(cluster, mlflow_server, tmp_path):
+    """Jobs tag their MLflow runs; the operator finds them and the version the alias points at."""
+    client = mlflow_server.client()
+    experiment = mlflow_server.new_experiment("operator")
+    runs = {}
+    for phase in ("stage1", "stage2", "promote"):
+        run = client.create_run(experiment, tags={"llava.pipeline_id": "uid-tracked", "llava.phase": phase})
+        runs[phase] = run.info.run_id
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    model_run = mlflow_server.log_model_dir(tmp_path / "model", experiment)
+    client.create_registered_model("tracked-llava")
+    version = client.create_model_version("tracked-llava", f"runs:/{model_run}/model", run_id=model_run)
+    client.set_registered_model_alias("tracked-llava", "champion", version.version)
+
+    cluster.start_operator(LLAVA_OPERATOR_MLFLOW_TRACKING_URI=mlflow_server.tracking_uri)
+    raw = small_pipeline("tracked", serving=False)
+    raw["spec"]["stages"]["preprocess"]["enabled"] = False
+    del raw["spec"]["stages"]["evaluate"]
+    raw["spec"]["registry"] = {"modelName": "tracked-llava", "alias": "champion"}
+    cluster.create_pipeline(raw)
+    for phase in ("stage1", "stage2", "promote"):
+        cluster.wait(phase, _job_started(cluster, "tracked", f"tracked-{phase}-1"))
+        env = yaml.safe_load(cluster.rayjobs()[f"tracked-{phase}-1"]["spec"]["runtimeEnvYAML"])["env_vars"]
+        assert env["MLFLOW_TRACKING_URI"] == mlflow_server.tracking_uri
+        assert (env["LLAVA_PIPELINE_ID"], env["LLAVA_PIPELINE_PHASE"]) == ("uid-tracked", phase)
+        cluster.set_job(f"tracked-{phase}-1", "Complete", "SUCCEEDED")
+    status = cluster.wait("Succeeded", lambda: (s := cluster.status("tracked")).get("phase") == "Succeeded" and s)
+    assert status["mlflowRunIds"] == runs
+    assert status["modelVersion"] == str(version.version)
