@@ -357,79 +357,113 @@ def _remove_stale(output: str, folder: str, keep: set[str]) -> None:
             storage.delete(uri)
 
 
+class RejectWriter:
+    """Rejected records as JSONL files of `per_file` lines, deterministic names, counted by reason code."""
+
+    def __init__(self, output: str, per_file: int):
+        self.output = output
+        self.per_file = per_file
+        self.pending: list[dict[str, Any]] = []
+        self.files: list[str] = []
+        self.reasons: Counter = Counter()
+
+    def add(self, record_id: str, reason: str, original: Any) -> None:
+        self.pending.append({"id": record_id, "reason": reason, "record": original})
+        self.reasons[reason.split(":", 1)[0]] += 1
+        if len(self.pending) >= self.per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            chunk, self.pending = self.pending[: self.per_file], self.pending[self.per_file:]
+            name = f"rejects/rejects-{len(self.files):05d}.jsonl"
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chunk)
+            storage.write_text(storage.join(self.output, name), text)
+            self.files.append(name)
+
+
+def consume(encoded: Any, cfg: PreprocessConfig, shards: ShardWriter, rejects: RejectWriter) -> int:
+    """Drain the encoded stream in order into shards and rejects; returns the number of input rows.
+    Only one batch plus one shard's rows are held at a time (the id set grows with the dataset)."""
+    seen: set[str] = set()
+    total = 0
+    for batch in encoded.iter_batches(batch_format="pyarrow", batch_size=cfg.batch_size):
+        total += batch.num_rows
+        keep = []
+        for i, row in enumerate(batch.select(["id", "ok", "reason", "record"]).to_pylist()):
+            reason = row["reason"]
+            if row["ok"] and row["id"] in seen:
+                reason = f"duplicate_id: {row['id']} already written"
+            if reason:
+                rejects.add(row["id"], reason, json.loads(row["record"]) if row["record"] else row["id"])
+            else:
+                seen.add(row["id"])
+                keep.append(i)
+        if keep:
+            shards.add(batch.take(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+    shards.flush()
+    rejects.flush()
+    return total
+
+
+def build_manifest(cfg: PreprocessConfig, total: int, shards: ShardWriter, rejects: RejectWriter) -> dict[str, Any]:
+    written = sum(s["rows"] for s in shards.shards)
+    modality: Counter = Counter()
+    for shard in shards.shards:
+        modality.update(shard["modality"])
+    return {
+        "format": MANIFEST_FORMAT,
+        "counts": {"input": total, "written": written, "rejected": total - written},
+        "reject_fraction": round((total - written) / total, 6) if total else 0.0,
+        "rejects_by_reason": dict(sorted(rejects.reasons.items())),
+        "reject_files": rejects.files,
+        "shards": shards.shards,
+        "modality": dict(sorted(modality.items())),
+        "total_tokens": sum(s["tokens"] for s in shards.shards),
+        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "config": cfg.model_dump(mode="json"),
+        "config_digest": config_digest(cfg),
+    }
+
+
 def run(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
-    """Execute the pipeline; returns (manifest-or-report, passed the reject limit)."""
+    """Execute the pipeline; returns (manifest, whether it passed the reject limit)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
     ctx.execution_options.preserve_order = True  # deterministic shard contents across runs
     ctx.enable_progress_bars = False
+    try:
+        return _execute(cfg)
+    finally:  # the context is process-wide: leave it as other Ray Data users in this process had it
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
+def _execute(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
+    import ray
+
     start = time.monotonic()
+    manifest_uri = storage.join(cfg.output, "manifest.json")
+    if storage.exists(manifest_uri):
+        storage.delete(manifest_uri)  # until this run completes, no manifest vouches for the shards
     ds, image_fs, image_root = build_dataset(cfg)
     encoded = ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                              fn_kwargs={"cfg_json": cfg.model_dump_json(), "filesystem": image_fs,
                                         "image_root": image_root,
                                         "processor_fs": storage.pyarrow_filesystem(cfg.processor)[0]},
                              compute=ray.data.TaskPoolStrategy(size=cfg.num_workers), num_cpus=cfg.worker_cpus)
-    writer = ShardWriter(cfg.output, cfg.rows_per_shard)
-    rejects: list[dict[str, Any]] = []
-    reject_files: list[str] = []
-    reasons: Counter = Counter()
-    seen: set[str] = set()
-    total = 0
-
-    def flush_rejects(force: bool = False) -> None:
-        while rejects and (force or len(rejects) >= cfg.rejects_per_file):
-            chunk = rejects[: cfg.rejects_per_file]
-            del rejects[: cfg.rejects_per_file]
-            name = f"rejects/rejects-{len(reject_files):05d}.jsonl"
-            storage.write_text(storage.join(cfg.output, name), "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                       for r in chunk))
-            reject_files.append(name)
-
-    for batch in encoded.iter_batches(batch_format="pyarrow", batch_size=cfg.batch_size):
-        total += batch.num_rows
-        keep = []
-        for i, row in enumerate(batch.select(["id", "ok", "reason", "record"]).to_pylist()):
-            reason = row["reason"] if not row["ok"] else ("" if row["id"] not in seen else
-                                                          f"duplicate_id: {row['id']} already written")
-            if reason:
-                original = json.loads(row["record"]) if row["record"] else row["id"]
-                rejects.append({"id": row["id"], "reason": reason, "record": original})
-                reasons[reason.split(":", 1)[0]] += 1
-            else:
-                seen.add(row["id"])
-                keep.append(i)
-        if keep:
-            writer.add(batch.take(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
-        flush_rejects()
-    writer.flush()
-    flush_rejects(force=True)
-    _remove_stale(cfg.output, "shards", {s["path"] for s in writer.shards})
-    _remove_stale(cfg.output, "rejects", set(reject_files))
-    written = sum(s["rows"] for s in writer.shards)
-    fraction = (total - written) / total if total else 0.0
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "counts": {"input": total, "written": written, "rejected": total - written},
-        "reject_fraction": round(fraction, 6),
-        "rejects_by_reason": dict(sorted(reasons.items())),
-        "reject_files": reject_files,
-        "shards": writer.shards,
-        "modality": dict(sorted(sum((Counter(s["modality"]) for s in writer.shards), Counter()).items())),
-        "total_tokens": sum(s["tokens"] for s in writer.shards),
-        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
-        "config": cfg.model_dump(mode="json"),
-        "config_digest": config_digest(cfg),
-    }
-    passed = fraction <= cfg.max_reject_fraction
-    manifest_uri = storage.join(cfg.output, "manifest.json")
+    shards = ShardWriter(cfg.output, cfg.rows_per_shard)
+    rejects = RejectWriter(cfg.output, cfg.rejects_per_file)
+    total = consume(encoded, cfg, shards, rejects)
+    _remove_stale(cfg.output, "shards", {s["path"] for s in shards.shards})
+    _remove_stale(cfg.output, "rejects", set(rejects.files))
+    manifest = build_manifest(cfg, total, shards, rejects)
+    passed = manifest["reject_fraction"] <= cfg.max_reject_fraction
     if passed:
         storage.write_text(manifest_uri, json.dumps(manifest, indent=1, sort_keys=True))
-    elif storage.exists(manifest_uri):
-        storage.delete(manifest_uri)  # a failed run must not leave an old manifest vouching for new shards
     manifest["elapsed_s"] = round(time.monotonic() - start, 3)
     _log_mlflow(cfg, manifest, passed)
     return manifest, passed
