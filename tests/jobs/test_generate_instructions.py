@@ -118,3 +118,22 @@ def test_bad_config_and_missing_key_exit_with_a_message(tmp_path, capsys, monkey
     code = main(["--config", "jobs/configs/generate_openai.yaml", f"input={CAPS}", f"output={tmp_path}",
                  "teacher.api_key_env=NOT_SET_KEY_VAR"])
     assert code == 2 and "NOT_SET_KEY_VAR" in capsys.readouterr().err
+
+
+def test_llavactl_data_generate_against_http_teacher(teacher, tmp_path):
+    import argparse
+
+    from llava_platform.commands import data
+
+    parser = argparse.ArgumentParser(prog="llavactl")
+    data.register(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "cli"
+    args = parser.parse_args(["data", "generate", "--input", str(CAPS), "--output", str(out), "--teacher", "openai",
+                              "--base-url", teacher.base_url, "--model", "teacher-test",
+                              "--api-key-env", "TEACHER_TEST_KEY", "--prompts-dir", str(REFERENCE / "prompts"),
+                              "--types", "conversation", "detail_description", "--seed", "3", "limit=4"])
+    assert args.func(args) == 0
+    produced, rejects, summary = _outputs(str(out))
+    assert sorted(r["id"] for r in produced) == sorted(f"{r['id']}_{t}" for r in _records()[:4]
+                                                       for t in ("conversation", "detail_description"))
+    assert rejects == [] and summary["config"]["seed"] == 3 and len(teacher.requests) == 8
