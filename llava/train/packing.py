@@ -16,7 +16,8 @@ Why it is exact, not an approximation:
   `pixel_values` are stacked in the order the samples occur in the packed rows.
 
 Bin packing is first-fit decreasing by length (ties by input position): deterministic, never splits
-a sample, and within 11/9 OPT + 6/9 rows of the optimum.
+a sample, and within 11/9 OPT + 6/9 rows of the optimum. For the padded (masked) layout the FFD rows
+are then re-balanced at the same row count, since every row is padded to the longest one.
 """
 
 from __future__ import annotations
@@ -92,6 +93,25 @@ def plan_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
             rows.append([i])
             free.append(max_length - n)
     return rows
+
+
+def balance_rows(rows: list[list[int]], lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Same number of rows as `rows`, re-dealt longest-first onto the least-filled row (LPT), kept
+    only when every row still fits and the longest row got shorter.
+
+    Why: the masked (sdpa/eager) layout pads every row to the longest one, and first-fit leaves the
+    last rows nearly empty (4 samples of 200/190/180/170 in 512: rows 390 + 350 vs 370 + 370).
+    """
+    if len(rows) < 2:
+        return rows
+    loads = [0] * len(rows)
+    dealt: list[list[int]] = [[] for _ in rows]
+    for i in sorted((i for row in rows for i in row), key=lambda k: (-lengths[k], k)):
+        r = min(range(len(rows)), key=lambda k: (loads[k], k))
+        dealt[r].append(i)
+        loads[r] += lengths[i]
+    before = max(sum(lengths[i] for i in row) for row in rows)
+    return dealt if max(loads) <= max_length and max(loads) < before else rows
 
 
 @dataclass(frozen=True)
@@ -180,14 +200,16 @@ def pack_samples(samples: Sequence, *, pad_id: int, image_processor, max_length:
     if not samples:
         raise ValueError("pack_samples needs at least one sample")
     check_packable(samples, max_length=max_length, bos_token_id=bos_token_id)
-    rows = plan_rows([len(s.input_ids) for s in samples], max_length)
+    lengths = [len(s.input_ids) for s in samples]
+    rows = plan_rows(lengths, max_length)
     real = sum(len(s.input_ids) for s in samples)
     if uses_varlen(attn_implementation):
         # Varlen kernels need no padding at all: the rows laid end to end make one sequence.
         rows = [[i for row in rows for i in row]]
         width = real
     elif attn_implementation in MASKED_ATTENTION:
-        width = max(sum(len(samples[i].input_ids) for i in row) for row in rows)
+        rows = balance_rows(rows, lengths, max_length)
+        width = max(sum(lengths[i] for i in row) for row in rows)
     else:
         raise PackingError(f"unsupported_attention: packing supports {', '.join(MASKED_ATTENTION)} and "
                            f"flash-attention, not {attn_implementation!r}")

@@ -15,6 +15,7 @@ from llava.data.encode import IGNORE_INDEX, EncodedSample, encode_record
 from llava.train.packing import (
     PackingError,
     attention_implementation,
+    balance_rows,
     build_micro_batch,
     check_packable,
     pack_samples,
@@ -215,6 +216,27 @@ def test_plan_rows_contract(seed):
     assert all(fill[i] + fill[j] > max_length for i in range(len(fill)) for j in range(i + 1, len(fill)))
     # Decreasing: each row's items are in non-increasing length order of placement.
     assert all(lengths[a] >= lengths[b] for row in rows for a, b in zip(row, row[1:]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balance_rows_keeps_the_contract_and_never_widens(seed):
+    rng = random.Random(100 + seed)
+    lengths = [rng.randint(20, 300) for _ in range(rng.randint(2, 12))]
+    rows = plan_rows(lengths, 512)
+    balanced = balance_rows(rows, lengths, 512)
+    assert len(balanced) == len(rows)
+    assert sorted(i for row in balanced for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in balanced)
+    widest = max(sum(lengths[i] for i in row) for row in rows)
+    assert max(sum(lengths[i] for i in row) for row in balanced) <= widest
+    assert balance_rows(rows, lengths, 512) == balanced
+
+
+def test_balance_rows_evens_out_first_fit():
+    lengths = [200, 190, 180, 170]
+    rows = plan_rows(lengths, 512)
+    assert rows == [[0, 1], [2, 3]]  # 390 + 350 tokens, padded to 390
+    assert balance_rows(rows, lengths, 512) == [[0, 3], [1, 2]]  # 370 + 370
 
 
 def test_plan_rows_fills_rows_and_rejects_oversize():
