@@ -87,8 +87,20 @@ def _resume_checkpoint(cfg: TrainConfig):
     return Checkpoint(str(storage.local_path(uri).resolve()))
 
 
+def processed_dataset(uri: str):
+    """The Ray Data dataset of pre-processed shards (`<uri>/shards/*.parquet`, see
+    docs/data-formats.md). The manifest is written last by a passing pre-processing run, so its
+    absence means the shards are incomplete or failed the reject limit."""
+    import ray.data
+
+    if not storage.exists(storage.join(uri, "manifest.json")):
+        raise FileNotFoundError(f"{uri}: no manifest.json; run `llavactl data preprocess` to completion first")
+    fs, path = storage.pyarrow_filesystem(storage.join(uri, "shards"))
+    return ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "images", "modality"])
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
-    from ray.train import ScalingConfig
+    from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.train_worker import train_loop
@@ -112,6 +124,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         scaling_config=scaling,
         run_config=_run_config(cfg),
         resume_from_checkpoint=_resume_checkpoint(cfg),
+        datasets={"train": processed_dataset(cfg.data.processed)} if cfg.data.processed else None,
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     try:
         result = trainer.fit()

@@ -72,11 +72,9 @@ def _load_model(cfg: TrainConfig):
 def _load_samples(cfg: TrainConfig, processor, ctx: WorkerContext) -> list[TrainSample]:
     d = cfg.data
     if d.processed:
-        import pyarrow.dataset as pads
-
-        fs, path = storage.pyarrow_filesystem(d.processed)
-        table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
-        rows = sorted(table.to_pylist(), key=lambda r: str(r["id"]))  # files list in any order
+        # Every worker reads the whole (unsplit) Ray Data dataset and shards by rank itself, in a
+        # fixed order: random access by position is what makes resume exact.
+        rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
         return from_rows(rows)
     records = parse_records(storage.read_text(d.records), d.records)
     samples, rejected = encode_records(records, processor, d.template, max_length=d.max_length,
@@ -257,7 +255,7 @@ def train_loop(config: dict) -> None:
 
 def worker_env() -> dict[str, str]:
     """Environment the workers need: DeepSpeed's accelerator choice is made at import time."""
-    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
+    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_WAIT_POLICY", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
                                       "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
            if k in os.environ}
     if not torch.cuda.is_available():

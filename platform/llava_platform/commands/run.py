@@ -73,7 +73,8 @@ def run_main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking.embedded_tracking_uri(workdir)
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     os.environ.update(env)
     address = _start_ray(env)
     print(f"[run] local Ray at {address}; MLflow at {tracking_uri}", flush=True)
