@@ -17,8 +17,6 @@ from jobs.preprocess import SHARD_SCHEMA, main
 from llava.data.synthetic import write_shapes_dataset
 from llava_platform import storage
 
-GOOD_IMAGE_SIZE = 64
-
 
 def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
@@ -92,7 +90,8 @@ def _args(out: str, inp: str, processor: Path | str, *extra: str) -> list[str]:
             "batch_size=4", "num_workers=1", "max_reject_fraction=0.6", *extra]
 
 
-def _check_output(out: str, good_ids: set[str], reasons: dict[str, str], duplicate: str) -> dict:
+def _check_output(out: str, good_ids: set[str], reasons: dict[str, str], duplicate: str,
+                  size: tuple[int, int]) -> dict:
     table = _read_shards(out)
     assert table.schema.equals(SHARD_SCHEMA)
     ids = table.column("id").to_pylist()
@@ -103,7 +102,7 @@ def _check_output(out: str, good_ids: set[str], reasons: dict[str, str], duplica
         assert row["num_images"] == len(row["images"]) == (0 if row["modality"] == "text" else 1)
         for blob in row["images"]:
             image = Image.open(io.BytesIO(blob))
-            assert image.format == "PNG" and image.mode == "RGB" and image.size == (GOOD_IMAGE_SIZE, GOOD_IMAGE_SIZE)
+            assert image.format == "PNG" and image.mode == "RGB" and image.size == size
     assert {r["modality"] for r in table.to_pylist()} == {"image", "text"}
     rejects = _read_rejects(out)
     got = {}
@@ -125,7 +124,7 @@ def _check_output(out: str, good_ids: set[str], reasons: dict[str, str], duplica
     return manifest
 
 
-def test_mixed_dataset_over_s3_twice(ray_local, tiny_llava_dir, s3_bucket, tmp_path, capsys):
+def test_mixed_dataset_over_s3_twice(ray_local, tiny_llava_dir, tiny_processor, s3_bucket, tmp_path, capsys):
     lines, good_ids, reasons = build_mixed_dataset(tmp_path / "data")
     (tmp_path / "data" / "records.jsonl").write_text(
         "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
@@ -139,7 +138,9 @@ def test_mixed_dataset_over_s3_twice(ray_local, tiny_llava_dir, s3_bucket, tmp_p
     printed = capsys.readouterr().out
     assert "rejected image_corrupt: 2" in printed and "rejected bad_json: 1" in printed
     duplicate = next(rid for rid, code in reasons.items() if code == "duplicate_id")
-    manifest = _check_output(out, good_ids, reasons, duplicate)
+    from llava.data.images import target_size
+
+    manifest = _check_output(out, good_ids, reasons, duplicate, target_size(tiny_processor.image_processor))
     for shard in manifest["shards"]:
         import hashlib
 
