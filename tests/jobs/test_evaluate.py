@@ -30,8 +30,9 @@ def shapes_data(tmp_path_factory) -> Path:
 
 
 def _judge_reply(messages):
-    body = messages[-1]["content"]
-    if "[Question]\nDescribe" in body or "detailed" in body.split("[Assistant 1]")[0]:
+    from llava.eval.judge import load_rules
+
+    if load_rules()["detail"].prompt in messages[-1]["content"]:
         return "sorry, no scores"  # detail questions: unparseable on purpose
     return "8, 2\nThe reference is right."
 
@@ -125,3 +126,28 @@ def test_llavactl_eval_on_a_local_model_without_a_store(tiny_llava_dir, shapes_d
     args = parser.parse_args(["eval", "--model", "models:/llava@champion", "--workdir", str(tmp_path / "no-store")])
     with pytest.raises(SystemExit, match="needs an MLflow store"):
         args.func(args)
+
+
+def test_evaluate_s3_model_and_data_against_http_server(mlflow_server, tiny_llava_dir, shapes_data, tmp_path,
+                                                       monkeypatch):
+    """The Kubernetes shape: model and data in S3, tracking on an `mlflow server` with S3 artifacts."""
+    from jobs.evaluate import EvaluateConfig, run_evaluation
+    from llava_platform import storage
+    from llava_platform.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    bucket = f"eval-{uuid.uuid4().hex[:8]}"
+    storage.default().s3_client().create_bucket(Bucket=bucket)
+    storage.upload_dir(tiny_llava_dir, f"s3://{bucket}/models/tiny")
+    storage.upload_dir(shapes_data, f"s3://{bucket}/data")
+    cfg = load_config(EvaluateConfig, CONFIG, [
+        f"model=s3://{bucket}/models/tiny", f"data_dir=s3://{bucket}/data", f"output_dir={tmp_path / 'out'}",
+        f"cache_dir={tmp_path / 'cache'}", f"tracking.tracking_uri={mlflow_server.tracking_uri}",
+        "shapes.limit=2", "scienceqa.limit=3", "generation.batch_size=3"])
+    results = run_evaluation(cfg)
+    assert results["shapes"]["n"] == 2 and results["scienceqa"]["n"] == 3
+    run = mlflow_server.client().get_run(results["eval_run_id"])
+    assert run.data.tags["llava.model_uri"] == f"s3://{bucket}/models/tiny"
+    assert run.data.metrics["scienceqa.accuracy"] == pytest.approx(results["metrics"]["scienceqa.accuracy"])
+    keys = [o["Key"] for o in storage.default().s3_client().list_objects_v2(Bucket=mlflow_server.bucket)["Contents"]]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/eval/report.md") for k in keys)
