@@ -3,7 +3,8 @@
     python -m jobs.evaluate --config jobs/configs/evaluate_shapes.yaml model=models:/llava@candidate
 
 `model` is a local directory, `runs:/<id>/model`, `models:/<name>@<alias>` / `models:/<name>/<v>`
-or `s3://...` (resolved and cached by `llava_platform.model_uri`). The data are the held-out files
+or `s3://...` (resolved and cached by `llava_platform.model_uri`), or `pipeline:stage2`: the model
+the stage-2 job of this pipeline logged (LLAVA_PIPELINE_ID; how the Kubernetes operator runs it). The data are the held-out files
 written by `llava.data.synthetic` under `data_dir` (local or s3://):
 `eval/shapes_qa.jsonl`, `eval/scienceqa.jsonl` and, for the judge, `eval/captions.jsonl`.
 
@@ -72,6 +73,7 @@ class EvaluateConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+PIPELINE_PREFIX = "pipeline:"
 DEFAULT_FILES = {"shapes": "eval/shapes_qa.jsonl", "scienceqa": "eval/scienceqa.jsonl", "bench": "eval/captions.jsonl"}
 
 
@@ -180,7 +182,10 @@ def identify_model(cfg: EvaluateConfig) -> dict[str, Any]:
     from llava_platform.model_uri import resolve_registry_version, split_runs_uri
 
     info: dict[str, Any] = {"uri": cfg.model, "resolve_uri": cfg.model}
-    if cfg.model.startswith("runs:/"):
+    if cfg.model.startswith(PIPELINE_PREFIX):
+        run_id = _pipeline_phase_run(cfg)
+        info.update(run_id=run_id, resolve_uri=f"runs:/{run_id}/model")
+    elif cfg.model.startswith("runs:/"):
         info["run_id"] = split_runs_uri(cfg.model)[0]
     elif cfg.model.startswith("models:/"):
         from llava_platform.registry import get_client
@@ -189,6 +194,23 @@ def identify_model(cfg: EvaluateConfig) -> dict[str, Any]:
         info.update(name=mv.name, version=str(mv.version), run_id=mv.run_id,
                     resolve_uri=f"models:/{mv.name}/{mv.version}")
     return info
+
+
+def _pipeline_phase_run(cfg: EvaluateConfig) -> str:
+    """`pipeline:<phase>`: the model logged by that phase of this pipeline (the operator's evaluate step)."""
+    import os
+
+    from llava_platform import tracking
+    from llava_platform.registry import find_pipeline_run, get_client
+
+    phase = cfg.model[len(PIPELINE_PREFIX):] or "stage2"
+    pipeline = os.environ.get(tracking.PIPELINE_ID_ENV)
+    if not pipeline:
+        raise ConfigError(f"model={cfg.model} needs {tracking.PIPELINE_ID_ENV} in the environment")
+    run = find_pipeline_run(get_client(_tracking_uri(cfg)), pipeline, phase)
+    if run is None:
+        raise ConfigError(f"model={cfg.model}: no MLflow run tagged llava.pipeline_id={pipeline}, llava.phase={phase}")
+    return run.info.run_id
 
 
 def _tracking_uri(cfg: EvaluateConfig) -> str:
@@ -271,7 +293,8 @@ def _evaluate(cfg: EvaluateConfig, model_info: dict[str, Any]) -> dict[str, Any]
     from llava.infer.load import load_for_inference
     from llava_platform.model_uri import resolve_model_dir
 
-    tracking_uri = _tracking_uri(cfg) if cfg.model.startswith(("runs:/", "models:/")) else None
+    remote = model_info["resolve_uri"].startswith(("runs:/", "models:/"))
+    tracking_uri = _tracking_uri(cfg) if remote else None
     model_dir = resolve_model_dir(model_info["resolve_uri"], cfg.cache_dir, tracking_uri=tracking_uri)
     model, processor = load_for_inference(str(model_dir), device=cfg.generation.device, dtype=cfg.generation.dtype)
     images = ImageCache(cfg.data_dir)

@@ -151,3 +151,19 @@ def test_evaluate_s3_model_and_data_against_http_server(mlflow_server, tiny_llav
     assert run.data.metrics["scienceqa.accuracy"] == pytest.approx(results["metrics"]["scienceqa.accuracy"])
     keys = [o["Key"] for o in storage.default().s3_client().list_objects_v2(Bucket=mlflow_server.bucket)["Contents"]]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/eval/report.md") for k in keys)
+
+
+def test_pipeline_model_reference_finds_the_stage2_run(mlflow_sqlite, monkeypatch):
+    from jobs.evaluate import EvaluateConfig, identify_model
+
+    client = mlflow_sqlite.client()
+    pipeline = f"pipe-{uuid.uuid4().hex[:6]}"
+    run = client.create_run(mlflow_sqlite.new_experiment(), tags={"llava.pipeline_id": pipeline, "llava.phase": "stage2"})
+    cfg = EvaluateConfig(model="pipeline:stage2", data_dir="unused",
+                         tracking={"tracking_uri": mlflow_sqlite.tracking_uri})
+    monkeypatch.setenv("LLAVA_PIPELINE_ID", pipeline)
+    info = identify_model(cfg)
+    assert info["resolve_uri"] == f"runs:/{run.info.run_id}/model" and info["run_id"] == run.info.run_id
+    monkeypatch.setenv("LLAVA_PIPELINE_ID", "another-pipeline")
+    with pytest.raises(ValueError, match="no MLflow run tagged"):
+        identify_model(cfg)
