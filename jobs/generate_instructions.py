@@ -30,10 +30,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from llava.datagen.parse import ReplyParseError, reply_to_record
-from llava.datagen.prompts import build_messages, load_prompt_dir
+from llava.datagen.prompts import PromptError, build_messages, load_prompt_dir
 from llava.datagen.rule_teacher import TASK_TYPES, RuleTeacher
 from llava_platform import storage
 from llava_platform.config import ConfigError, StrictModel, config_digest, load_config
+from llava_platform.teacher_client import TeacherClient, TeacherError, TeacherSettings
 
 log = logging.getLogger("jobs.generate_instructions")
 TaskType = Literal["conversation", "detail_description", "complex_reasoning"]
@@ -118,8 +119,6 @@ class Generator:
         self.prompts = load_prompt_dir(cfg.prompts_dir, list(cfg.task_types)) if cfg.teacher.kind == "openai" else {}
         self.client = None
         if cfg.teacher.kind == "openai":
-            from llava_platform.teacher_client import TeacherClient, TeacherSettings
-
             t = cfg.teacher
             self.client = TeacherClient(TeacherSettings(
                 base_url=t.base_url, model=t.model, api_key_env=t.api_key_env, concurrency=t.concurrency,
@@ -227,16 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(GenerateConfig, args.config, args.overrides)
         summary = generate(cfg)
-    except (ConfigError, storage.StorageError) as err:
+    except (ConfigError, PromptError, storage.StorageError, TeacherError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # the teacher client raises on a missing key: say so, no traceback
-        from llava_platform.teacher_client import TeacherError
-
-        if isinstance(err, TeacherError):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
     shown = {k: v for k, v in summary.items() if k != "config"}
     print(json.dumps(shown, indent=1, sort_keys=True))
     if summary["reject_fraction"] > cfg.max_reject_fraction:
