@@ -88,6 +88,7 @@ def test_missing_key_variable_is_named(monkeypatch):
 
 
 def test_concurrency_is_bounded(server):
+    server.slow_s = 0.5  # long enough that the client has several requests open even on a loaded machine
     jobs = []
     for i in range(12):
         record = dict(RECORD, captions=[f"Picture number {i}."] * 5)
