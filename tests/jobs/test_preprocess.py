@@ -240,7 +240,7 @@ def test_llavactl_data_synth_and_preprocess_over_s3(ray_local, tiny_llava_dir, s
     assert storage.exists(f"{root}/images/shapes_000005.png") and storage.exists(f"{root}/eval/shapes_qa.jsonl")
     out = f"s3://{s3_bucket}/processed"
     assert cli("data", "preprocess", "--input", f"{root}/stage1.json", "--output", out,
-               "--processor", str(tiny_llava_dir), "--template", "plain", "num_workers=1") == 0
+               "--processor", str(tiny_llava_dir), "--template", "plain", "--max-reject-fraction", "0", "num_workers=1") == 0
     manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
     assert manifest["counts"] == {"input": 6, "written": 6, "rejected": 0}
     assert manifest["config"]["template"] == "plain" and manifest["modality"] == {"image": 6}

@@ -45,6 +45,8 @@ def add_subcommands(data_subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--processor", help="saved llava-hf processor/model directory (local or s3://)")
     pre.add_argument("--image-root", help="where relative image paths resolve (default: the input's directory)")
     pre.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"])
+    pre.add_argument("--max-reject-fraction", type=float,
+                     help="fail (exit 1, no manifest) when rejected/input exceeds this (config default 0.05)")
     pre.add_argument("overrides", nargs="*", help="more key=value config overrides")
     pre.set_defaults(func=preprocess_main)
 
@@ -96,7 +98,8 @@ def _run_job(module: str, config: str, overrides: list[str]) -> int:
 def preprocess_main(args: argparse.Namespace) -> int:
     config = args.config or job_config("preprocess_stage2.yaml")
     overrides = [f"input={args.input}", f"output={args.output}"]
-    for key, value in (("processor", args.processor), ("image_root", args.image_root), ("template", args.template)):
+    for key, value in (("processor", args.processor), ("image_root", args.image_root), ("template", args.template),
+                       ("max_reject_fraction", args.max_reject_fraction)):
         if value is not None:
             overrides.append(f"{key}={value}")
     return _run_job("jobs.preprocess", config, [*overrides, *args.overrides])
