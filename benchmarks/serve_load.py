@@ -1,6 +1,6 @@
 """Serving throughput and latency vs a sequential plain-transformers baseline, on the tiny model.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 96] [--max-tokens 32] [--concurrency 1 8 32]
+    .venv/bin/python benchmarks/serve_load.py [--requests 128] [--max-tokens 64] [--concurrency 1 8 32]
 
 Builds the tiny llava-hf model into a temp dir, measures the baseline (one `model.generate` call per
 request, one after the other, in this process), then starts the real Ray Serve app on 127.0.0.1
@@ -125,6 +125,7 @@ def measure(model_dir: Path, args: argparse.Namespace) -> list[tuple[int, dict, 
     """Per concurrency level: a baseline run right before the serving run, so that load from other
     processes on a shared machine hits both sides of each ratio alike."""
     import ray
+
     from llava_platform.serving.launch import shutdown_local, start_app
 
     plain = load_plain(model_dir, args.threads)
@@ -155,12 +156,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=128, help="requests per serving level")
     parser.add_argument("--baseline-requests", type=int, default=32, help="requests per baseline run")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-s", type=float, default=0.01)
+    parser.add_argument("--batch-wait-s", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, baseline and model replica alike")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/serving rounds per level")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/serving rounds per level")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

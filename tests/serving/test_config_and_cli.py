@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 import yaml
+
 from llava_platform.config import ConfigError
 from llava_platform.serving.auth import KeySourceError, check_bearer, load_api_key
 from llava_platform.serving.config import Auth, parse_serve_config

@@ -211,6 +211,7 @@ class LlavaIngress:
         self.metrics.prompt_tokens.inc(res["prompt_tokens"])
         self.metrics.completion_tokens.inc(res["completion_tokens"])
         self.metrics.batch_size.observe(out["batch_size"])
+        self.metrics.generate_seconds.observe(out["compute_s"])
         body = completion_body(completion_id(), self.cfg.served_model_name, f"llava-{out['version']}", res)
         return JSONResponse(body)
 

@@ -53,7 +53,7 @@ class ModelDeployment(StrictModel):
     torch_threads: int | None = Field(None, ge=1)
     # Dynamic batching: a batch closes at max_batch_size requests or after batch_wait_timeout_s.
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5)
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
     # Back-pressure: at most max_ongoing_requests in a replica, max_queued_requests waiting at each
     # caller; beyond that the caller gets BackPressureError and the client a 503 + Retry-After.
     max_ongoing_requests: int = Field(16, ge=1)

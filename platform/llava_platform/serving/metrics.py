@@ -31,6 +31,10 @@ class ServingMetrics:
                                          registry=self.registry)
         self.batch_size = Histogram("llava_batch_size", "Rows in the generate call that served a request",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.generate_seconds = Histogram(
+            "llava_generate_seconds", "Duration of the generate call (whole batch) that served a request",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
+        )
         self.backpressure = Counter("llava_backpressure_rejections", "Requests refused with 503 on overload",
                                     registry=self.registry)
         self.in_flight = Gauge("llava_requests_in_flight", "Requests being handled by this ingress replica",

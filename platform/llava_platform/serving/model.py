@@ -181,6 +181,7 @@ class LlavaModel:
                      "stop": items[i]["stop"]} for i in rows]
             try:
                 with self._compute:
+                    started = time.perf_counter()
                     results = generate_batch(
                         bundle.model, bundle.processor, reqs, max_new_tokens=first["max_new_tokens"],
                         temperature=first["temperature"], top_p=first["top_p"], stop=None, seed=first["seed"],
@@ -193,7 +194,8 @@ class LlavaModel:
                                         "param": None, "code": "generation_failed"}}
                 continue
             for i, res in zip(rows, results, strict=True):
-                out[i] = {"result": res.__dict__, "version": bundle.version, "batch_size": len(rows)}
+                out[i] = {"result": res.__dict__, "version": bundle.version, "batch_size": len(rows),
+                          "compute_s": time.perf_counter() - started}
         return out  # type: ignore[return-value]
 
     async def stream(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
