@@ -11,8 +11,9 @@ import os
 import re
 from typing import Literal
 
-from llava_platform.config import ConfigError, StrictModel, validate_config
 from pydantic import Field, field_validator
+
+from llava_platform.config import ConfigError, StrictModel, validate_config
 
 QUANTITY_CPU = r"^[0-9]+(\.[0-9]+)?m?$"
 QUANTITY_MEMORY = r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import yaml
-from llava_operator.spec import OperatorSettings
 
+from llava_operator.spec import OperatorSettings
 from tests.charts.helm_render import CHART, REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "platform" / "images" / "Dockerfile"

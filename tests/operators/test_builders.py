@@ -6,10 +6,10 @@ import shlex
 
 import pytest
 import yaml
+
 from llava_operator.builders import build_rayjob, build_rayservice
 from llava_operator.phases import JOB_PHASES
 from llava_operator.spec import OperatorSettings, parse_spec
-
 from tests.fixtures.k8s import crd_validator, schema_errors
 from tests.operators.pipelines import CRD, example_pipeline, small_pipeline
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+
 from llava_operator.phases import (
     MAX_NAME,
     child_name,
@@ -14,7 +15,6 @@ from llava_operator.phases import (
     render_overrides,
 )
 from llava_operator.spec import ConfigError, parse_spec
-
 from tests.operators.pipelines import small_pipeline
 
 NOW = "2026-01-01T00:00:00Z"

@@ -7,6 +7,7 @@ signalling that process (never `ray stop`, which would take down every Ray on th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -65,10 +66,8 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
             break
         time.sleep(0.5)
     for pid in subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")
