@@ -193,3 +193,9 @@ def test_runtime_env_excludes_local_state(job_repo):
     assert find_repo_root(job_repo / "jobs" / "configs") == job_repo
     with pytest.raises(SubmitError):
         find_repo_root(Path("/"))
+
+
+def test_submit_is_a_llavactl_command():
+    from llava_platform.cli import COMMAND_MODULES
+
+    assert "submit" in COMMAND_MODULES
