@@ -63,6 +63,15 @@ def packing_problem(sample, *, max_length: int, bos_token_id: int | None) -> str
     return None
 
 
+def expected_bos(tokenizer) -> int | None:
+    """The BOS id every encoded sample starts with, or None when the tokenizer adds none (Qwen-style
+    tokenizers have no BOS; then only the first-label rule guards the boundary)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def check_packable(samples: Sequence, *, max_length: int, bos_token_id: int | None) -> None:
     """Raise PackingError naming the first offending sample (and how many there are)."""
     problems = [p for s in samples if (p := packing_problem(s, max_length=max_length, bos_token_id=bos_token_id))]

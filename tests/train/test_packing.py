@@ -18,6 +18,7 @@ from llava.train.packing import (
     balance_rows,
     build_micro_batch,
     check_packable,
+    expected_bos,
     pack_samples,
     plan_rows,
 )
@@ -185,6 +186,16 @@ def test_unsafe_boundaries_are_refused(processor, samples):
     with pytest.raises(PackingError, match="unsupported_attention"):
         pack_samples([good], pad_id=0, image_processor=processor.image_processor, max_length=512,
                      attn_implementation="flex_attention")
+
+
+def test_expected_bos_follows_the_tokenizer(processor):
+    tok = processor.tokenizer
+    assert expected_bos(tok) == tok.bos_token_id  # the tiny Llama tokenizer prepends <s>
+
+    class NoBos:
+        bos_token_id = None
+
+    assert expected_bos(NoBos()) is None
 
 
 def test_micro_batch_stats_packed_and_padded(processor, samples):
