@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,23 @@ def image_message(text: str, colour=(220, 40, 40), size=(48, 32)) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def serve_app(ray_local, tiny_llava_dir, tmp_path_factory):
-    """Base URL + API key of a running app with auth on (key from a file, as from a k8s Secret)."""
+def serve_app(ray_local, tiny_llava_dir, mlflow_sqlite, tmp_path_factory):
+    """A running app with auth on (key from a file, as from a k8s Secret), serving the champion of a
+    registered model that has two versions (both the tiny model, logged by two runs)."""
+    from llava_platform.registry import register_version
     from llava_platform.serving.launch import shutdown_local, start_app
 
+    client = mlflow_sqlite.client()
+    name = f"llava-serve-{uuid.uuid4().hex[:6]}"
+    versions = [register_version(name, mlflow_sqlite.log_model_dir(Path(tiny_llava_dir)), client=client,
+                                 candidate_alias=None) for _ in range(2)]
+    client.set_registered_model_alias(name, "champion", versions[0])
     key_file: Path = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(API_KEY + "\n")
     args = {
-        "model_uri": str(tiny_llava_dir),
+        "model_uri": f"models:/{name}@champion",
+        "mlflow_tracking_uri": mlflow_sqlite.tracking_uri,
+        "model_cache_dir": str(tmp_path_factory.mktemp("model-cache")),
         "auth": {"api_key_file": str(key_file)},
         "limits": {"max_tokens": 256, "max_images": 2, "max_image_pixels": 4_000_000,
                    "max_request_bytes": 2_000_000},
@@ -49,5 +59,6 @@ def serve_app(ray_local, tiny_llava_dir, tmp_path_factory):
         "retry_after_s": 2,
     }
     url = start_app(args, host="127.0.0.1", port=free_port(), timeout_s=240)
-    yield {"url": url, "key": API_KEY, "model_dir": Path(tiny_llava_dir)}
+    yield {"url": url, "key": API_KEY, "model_dir": Path(tiny_llava_dir), "registry": client, "name": name,
+           "versions": versions}
     shutdown_local()

@@ -241,6 +241,20 @@ def _llavactl(argv: list[str]) -> int:
     return args.func(args)
 
 
+def test_promotion_then_reload_serves_the_new_champion(serve_app, monkeypatch, capsys):
+    url, client, name = serve_app["url"], serve_app["registry"], serve_app["name"]
+    monkeypatch.setenv("LLAVA_TEST_KEY", serve_app["key"])
+    before = httpx.get(f"{url}/v1/models", headers=_auth(serve_app), timeout=10).json()["data"][0]
+    assert before["root"] == f"models:/{name}@champion"
+    client.set_registered_model_alias(name, "champion", serve_app["versions"][1])  # the promotion
+    assert _llavactl(["serve", "reload", "--address", url, "--api-key-env", "LLAVA_TEST_KEY"]) == 0
+    assert "switched" in capsys.readouterr().out
+    after = httpx.get(f"{url}/v1/models", headers=_auth(serve_app), timeout=10).json()["data"][0]
+    assert after["version"] != before["version"] and after["root"] == before["root"]
+    resp = _post(serve_app, _valid([{"role": "user", "content": "hi"}], 2))
+    assert resp.status_code == 200 and resp.json()["system_fingerprint"] == f"llava-{after['version']}"
+
+
 def test_reload_under_load_switches_version_without_failures(serve_app, tmp_path, monkeypatch):
     url = serve_app["url"]
     before = httpx.get(f"{url}/v1/models", headers=_auth(serve_app), timeout=10).json()["data"][0]["version"]
