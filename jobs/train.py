@@ -75,18 +75,6 @@ def _run_config(cfg: TrainConfig):
     )
 
 
-def _resume_checkpoint(cfg: TrainConfig):
-    from ray.train import Checkpoint
-
-    uri = cfg.checkpoint.resume_from
-    if not uri:
-        return None
-    if storage.is_s3(uri):
-        fs, path = storage.pyarrow_filesystem(uri)
-        return Checkpoint(path, filesystem=fs)
-    return Checkpoint(str(storage.local_path(uri).resolve()))
-
-
 def processed_dataset(uri: str):
     """The Ray Data dataset of pre-processed shards (`<uri>/shards/*.parquet`, see
     docs/data-formats.md). The manifest is written last by a passing pre-processing run, so its
@@ -123,7 +111,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                            "tracking_uri": tracking.configure()},
         scaling_config=scaling,
         run_config=_run_config(cfg),
-        resume_from_checkpoint=_resume_checkpoint(cfg),
         datasets={"train": processed_dataset(cfg.data.processed)} if cfg.data.processed else None,
         dataset_config=DataConfig(datasets_to_split=[]),
     )

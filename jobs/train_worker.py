@@ -117,8 +117,21 @@ def _save_checkpoint(engine, ctx: WorkerContext, position: Position, metrics: di
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _restore(engine, ctx: WorkerContext) -> Position | None:
+def _checkpoint_to_restore(cfg: TrainConfig):
+    """Ray's own checkpoint after a worker-group restart wins; otherwise `checkpoint.resume_from`
+    (a previous run's checkpoint: Ray Train V2 leaves explicit resumption to the loop)."""
     ckpt = ray.train.get_checkpoint()
+    if ckpt is not None or not cfg.checkpoint.resume_from:
+        return ckpt
+    uri = cfg.checkpoint.resume_from
+    if storage.is_s3(uri):
+        fs, path = storage.pyarrow_filesystem(uri)
+        return ray.train.Checkpoint(path, filesystem=fs)
+    return ray.train.Checkpoint(str(storage.local_path(uri)))
+
+
+def _restore(engine, cfg: TrainConfig, ctx: WorkerContext) -> Position | None:
+    ckpt = _checkpoint_to_restore(cfg)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -199,7 +212,7 @@ def train_loop(config: dict) -> None:
     scheduler = build_scheduler(optimizer, total, cfg.optim.warmup_ratio)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
-    position = _restore(engine, ctx)
+    position = _restore(engine, cfg, ctx)
     start = position.step if position else 0
     if ctx.lead and ctx.run_id:
         if start == 0:  # params are write-once in MLflow; a restarted worker group must not re-log them

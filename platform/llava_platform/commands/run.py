@@ -53,11 +53,12 @@ def _first_eval_image(workdir: Path) -> Path:
     return images[0]
 
 
-def _chat_once(base_url: str, model: str, image: Path) -> str:
+def _chat_once(base_url: str, image: Path) -> str:
     import httpx
 
     from llava_platform.commands.chat import image_data_url
 
+    model = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"]
     body = {"model": model, "max_tokens": 32, "temperature": 0.0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_data_url(image)}},
         {"type": "text", "text": "How many shapes are in the image?"}]}]}
@@ -91,7 +92,7 @@ def run_main(args: argparse.Namespace) -> int:
         base_url = start_local(model_uri, port=args.port)
         image = _first_eval_image(workdir)
         question = "How many shapes are in the image?"
-        answer = _chat_once(base_url, summary["model_name"], image)
+        answer = _chat_once(base_url, image)
         print(f"[run] asked about {image.name}: {question!r}")
         print(f"[run] answer: {answer!r}")
         print(f"[run] endpoint: {base_url}/v1/chat/completions (OpenAI-compatible)")
