@@ -14,6 +14,7 @@ needs the tokenizer (context length) and runs batched generation.
 
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -43,6 +44,8 @@ from llava_platform.serving.protocol import (
 )
 
 log = logging.getLogger("llava.serving")
+
+INLINE_DECODE_BYTES = 256 * 1024
 
 api = FastAPI(title="llava-platform OpenAI-compatible API", docs_url=None, redoc_url=None)
 
@@ -143,9 +146,10 @@ class LlavaIngress:
         self.metrics.in_flight.inc()
         try:
             check_bearer(self.api_key, request.headers.get("authorization"))
-            req = parse_request(await self._body(request))
+            raw = await self._body(request)
+            req = parse_request(raw)
             stream = req.stream
-            item = await self._prepare(req)
+            item = await self._prepare(req, len(raw))
             response = await (self._stream(req, item) if stream else self._complete(req, item))
             self.metrics.requests.labels(status=str(response.status_code), stream=str(stream)).inc()
             return response
@@ -176,7 +180,7 @@ class LlavaIngress:
             raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
         return raw
 
-    async def _prepare(self, req: ChatCompletionRequest) -> dict[str, Any]:
+    async def _prepare(self, req: ChatCompletionRequest, raw_len: int) -> dict[str, Any]:
         if req.model != self.cfg.served_model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{self.cfg.served_model_name!r}", param="model", code="model_not_found")
@@ -192,11 +196,14 @@ class LlavaIngress:
         if len(stops) > limits.max_stop_sequences or any(not s for s in stops):
             raise APIError(400, f"stop must hold at most {limits.max_stop_sequences} non-empty strings",
                            param="stop", code="invalid_value")
-        # Image decoding is CPU work: keep it off the event loop so other requests keep flowing.
-        messages = await asyncio.to_thread(
-            to_generation_messages, req, limits, allow_remote=self.cfg.allow_remote_images,
-            timeout_s=self.cfg.remote_image_timeout_s,
-        )
+        decode = functools.partial(to_generation_messages, req, limits, allow_remote=self.cfg.allow_remote_images,
+                                   timeout_s=self.cfg.remote_image_timeout_s)
+        # Large images and remote fetches go to a worker thread so other requests keep flowing; small
+        # inline images decode in well under a millisecond, less than the thread hand-off costs.
+        if raw_len > INLINE_DECODE_BYTES or self.cfg.allow_remote_images:
+            messages = await asyncio.to_thread(decode)
+        else:
+            messages = decode()
         return {"messages": messages, "max_new_tokens": max_tokens, "temperature": req.temperature,
                 "top_p": req.top_p, "stop": stops, "seed": req.seed}
 
