@@ -19,7 +19,6 @@ import ray.train
 import torch
 
 from jobs.train_config import TrainConfig
-from llava.data.collate import collate_padded, padding_fraction
 from llava.data.records import parse_records
 from llava.data.templates import get_template
 from llava.model.builder import build_llava, save_llava
@@ -27,6 +26,7 @@ from llava.model.freezing import TrainableParts, apply_freezing, describe_traina
 from llava.train.dataset import TrainSample, encode_records, epoch_order, from_rows, micro_batches_for_rank
 from llava.train.deepspeed_config import BatchPlan, deepspeed_config
 from llava.train.optim import build_optimizer, build_scheduler
+from llava.train.packing import attention_implementation, build_micro_batch, check_packable, expected_bos
 from llava.train.state import Position, load_rank_state, save_rank_state
 from llava_platform import storage, tracking
 
@@ -226,6 +226,13 @@ def train_loop(config: dict) -> None:
               f"ZeRO-{cfg.distributed.zero_stage}, {precision}" + (f", resuming at step {start}" if start else ""))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     pad_id = processor.tokenizer.pad_token_id
+    # data.packing: each micro-batch keeps its micro_batch samples (so the global batch and the loss
+    # are unchanged) but packs them into as few rows of data.max_length as fit, no attention across
+    # samples. Unsafe sample boundaries fail here, before any step, not hours into the run.
+    bos_id, attn = expected_bos(processor.tokenizer), attention_implementation(model)
+    if cfg.data.packing:
+        check_packable(samples, max_length=cfg.data.max_length, bos_token_id=bos_id)
+        _say(ctx, f"stage {cfg.stage}: packing micro-batches into rows of {cfg.data.max_length} ({attn} attention)")
     t_start, orders = time.time(), {}
     last = start
     for step in range(start, total):
@@ -238,11 +245,13 @@ def train_loop(config: dict) -> None:
         t0, losses, pads, tokens, n = time.time(), [], [], 0, 0
         for idx in micros:
             chosen = [samples[i].decoded() for i in idx]
-            batch = collate_padded(chosen, pad_id, processor.image_processor)
-            pads.append(padding_fraction(batch))
-            tokens += int(batch["attention_mask"].sum())
+            micro = build_micro_batch(chosen, packing=cfg.data.packing, pad_id=pad_id,
+                                      image_processor=processor.image_processor, max_length=cfg.data.max_length,
+                                      attn_implementation=attn, bos_token_id=bos_id, mask_dtype=dtype)
+            pads.append(micro.padding_fraction)
+            tokens += micro.real_tokens
             n += len(chosen)
-            out = engine(**_to_device(batch, ctx.device, dtype))
+            out = engine(**_to_device(micro.inputs, ctx.device, dtype))
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.item())
