@@ -61,6 +61,8 @@ def _log_config_artifacts(run_id: str, cfg: TrainConfig, world_size: int) -> Non
 def _run_config(cfg: TrainConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    from jobs.train_worker import worker_env
+
     fs, path = (None, cfg.checkpoint.storage)
     if storage.is_s3(cfg.checkpoint.storage):
         fs, path = storage.pyarrow_filesystem(cfg.checkpoint.storage)
@@ -72,6 +74,8 @@ def _run_config(cfg: TrainConfig):
         storage_filesystem=fs,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+        # The job may join a cluster started elsewhere: workers get the variables they need here.
+        worker_runtime_env={"env_vars": worker_env()},
     )
 
 
@@ -84,7 +88,10 @@ def processed_dataset(uri: str):
     if not storage.exists(storage.join(uri, "manifest.json")):
         raise FileNotFoundError(f"{uri}: no manifest.json; run `llavactl data preprocess` to completion first")
     fs, path = storage.pyarrow_filesystem(storage.join(uri, "shards"))
-    return ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "images", "modality"])
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "images", "modality"])
+    # Read before the workers take their CPUs: on a cluster whose CPUs all go to training workers,
+    # read tasks scheduled later would wait forever.
+    return ds.materialize()
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:

@@ -278,7 +278,8 @@ def train_loop(config: dict) -> None:
 def worker_env() -> dict[str, str]:
     """Environment the workers need: DeepSpeed's accelerator choice is made at import time."""
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_WAIT_POLICY", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
-                                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+                                      "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                      "AWS_DEFAULT_REGION", "AWS_REGION")
            if k in os.environ}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -126,3 +126,28 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_local, tracking_uri, ti
     assert (Path(result.output) / "model.safetensors").exists()
     resumed = MlflowClient().get_metric_history(result.run_id, "resumed_at_step")
     assert resumed and all(m.value >= 2 for m in resumed), "the restarted workers resumed from a checkpoint"
+
+
+@pytest.mark.slow
+def test_stage2_trains_from_processed_shards_over_s3(ray_local, tracking_uri, tiny_llava_dir, shapes_data, tmp_path,
+                                                     s3_bucket):
+    """Pre-processed Parquet shards in S3 (moto) -> Ray Data -> get_dataset_shard -> training."""
+    from jobs.preprocess import PreprocessConfig, run
+    from llava_platform.config import validate_config
+
+    processed = f"s3://{s3_bucket}/processed/stage2"
+    manifest, passed = run(validate_config(PreprocessConfig, {
+        "input": str(shapes_data.stage2), "output": processed, "image_root": str(shapes_data.root),
+        "processor": str(tiny_llava_dir), "template": "vicuna_v1", "max_length": 512}))
+    assert passed and manifest["counts"]["written"] > 0
+    cfg = stage_cfg(2, (tiny_llava_dir, tiny_llava_dir), shapes_data, tmp_path, "data.records=null",
+                    f"data.processed={processed}", f"model.init_from={tiny_llava_dir}", "optim.max_steps=4",
+                    "name=from-shards", f"checkpoint.storage=s3://{s3_bucket}/checkpoints",
+                    f"output=s3://{s3_bucket}/models/stage2")
+    result = run_training(cfg)
+    assert result.metrics["step"] == 4
+    from llava_platform import storage
+
+    assert storage.exists(f"s3://{s3_bucket}/models/stage2/model.safetensors")
+    assert result.checkpoint and "checkpoints" in result.checkpoint
+    assert len(losses(result.run_id)) == 4
