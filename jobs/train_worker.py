@@ -26,7 +26,13 @@ from llava.model.freezing import TrainableParts, apply_freezing, describe_traina
 from llava.train.dataset import TrainSample, encode_records, epoch_order, from_rows, micro_batches_for_rank
 from llava.train.deepspeed_config import BatchPlan, deepspeed_config
 from llava.train.optim import build_optimizer, build_scheduler
-from llava.train.packing import attention_implementation, build_micro_batch, check_packable, expected_bos
+from llava.train.packing import (
+    attention_break_even,
+    attention_implementation,
+    build_micro_batch,
+    check_packable,
+    expected_bos,
+)
 from llava.train.state import Position, load_rank_state, save_rank_state
 from llava_platform import storage, tracking
 
@@ -230,6 +236,7 @@ def train_loop(config: dict) -> None:
     # are unchanged) but packs them into as few rows of data.max_length as fit, no attention across
     # samples. Unsafe sample boundaries fail here, before any step, not hours into the run.
     bos_id, attn = expected_bos(processor.tokenizer), attention_implementation(model)
+    break_even = attention_break_even(model)  # masked (non-flash) rows: padding vs quadratic attention
     if cfg.data.packing:
         check_packable(samples, max_length=cfg.data.max_length, bos_token_id=bos_id)
         _say(ctx, f"stage {cfg.stage}: packing micro-batches into rows of {cfg.data.max_length} ({attn} attention)")
@@ -247,7 +254,8 @@ def train_loop(config: dict) -> None:
             chosen = [samples[i].decoded() for i in idx]
             micro = build_micro_batch(chosen, packing=cfg.data.packing, pad_id=pad_id,
                                       image_processor=processor.image_processor, max_length=cfg.data.max_length,
-                                      attn_implementation=attn, bos_token_id=bos_id, mask_dtype=dtype)
+                                      attn_implementation=attn, bos_token_id=bos_id, mask_dtype=dtype,
+                                      break_even_width=break_even)
             pads.append(micro.padding_fraction)
             tokens += micro.real_tokens
             n += len(chosen)

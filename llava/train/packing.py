@@ -123,6 +123,36 @@ def balance_rows(rows: list[list[int]], lengths: Sequence[int], max_length: int)
     return dealt if max(loads) <= max_length and max(loads) < before else rows
 
 
+def attention_break_even(model_or_config) -> float:
+    """Row width W at which the dense masked attention of a row costs as much per token as the
+    matmuls. Forward FLOPs per token: attention 4*W*d per layer (sdpa/eager compute the masked-out
+    blocks too); matmuls 2*(4*d^2 + 3*d*I) per layer (MHA approximated) + 2*d*V for the LM head.
+    About 1e3 for the tiny test model, 2.5e4 for a 7B Llama."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = getattr(config, "text_config", None) or config
+    d, layers = text.hidden_size, text.num_hidden_layers
+    inter = getattr(text, "intermediate_size", None) or 4 * d
+    return 2 * d + 1.5 * inter + text.vocab_size / (2 * layers)
+
+
+def _masked_rows(lengths: list[int], max_length: int, break_even_width: float | None) -> list[list[int]]:
+    """Rows for the masked layout. FFD at max_length (re-balanced) removes the most padding, but a
+    dense masked row costs ~W^2 in attention; with `break_even_width` the plan packed no wider than
+    the longest sample (never costlier than padding) is taken instead when the cost model
+    rows * W * (break_even_width + W) says it is cheaper."""
+    rows = balance_rows(plan_rows(lengths, max_length), lengths, max_length)
+    if break_even_width is None:
+        return rows
+    longest = max(lengths)
+    tight = balance_rows(plan_rows(lengths, longest), lengths, longest)
+
+    def cost(plan: list[list[int]]) -> float:
+        width = max(sum(lengths[i] for i in row) for row in plan)
+        return len(plan) * width * (break_even_width + width)
+
+    return tight if cost(tight) < cost(rows) else rows
+
+
 @dataclass(frozen=True)
 class SampleSpan:
     """Where sample `index` (position in the input list) sits: row, first column, token count."""
@@ -200,11 +230,13 @@ def _layout(samples: Sequence, rows: list[list[int]], width: int, pad_id: int):
 
 def pack_samples(samples: Sequence, *, pad_id: int, image_processor, max_length: int,
                  attn_implementation: str = "sdpa", bos_token_id: int | None = None,
-                 mask_dtype: torch.dtype = torch.float32) -> PackedBatch:
+                 mask_dtype: torch.dtype = torch.float32, break_even_width: float | None = None) -> PackedBatch:
     """Pack encoded samples (objects with id, input_ids, labels, images) into as few rows as fit.
 
     sdpa/eager: rows of the longest row's width with a 4D block-diagonal causal mask (bool for
-    sdpa, additive `mask_dtype` for eager). flash: one row of all samples back to back, no mask.
+    sdpa, additive `mask_dtype` for eager); `break_even_width` (see `attention_break_even`) lets it
+    trade fewer padded positions against quadratic masked attention. flash: one row of all samples
+    back to back, no mask.
     """
     if not samples:
         raise ValueError("pack_samples needs at least one sample")
@@ -217,7 +249,7 @@ def pack_samples(samples: Sequence, *, pad_id: int, image_processor, max_length:
         rows = [[i for row in rows for i in row]]
         width = real
     elif attn_implementation in MASKED_ATTENTION:
-        rows = balance_rows(rows, lengths, max_length)
+        rows = _masked_rows(lengths, max_length, break_even_width)
         width = max(sum(lengths[i] for i in row) for row in rows)
     else:
         raise PackingError(f"unsupported_attention: packing supports {', '.join(MASKED_ATTENTION)} and "
@@ -242,13 +274,13 @@ class MicroBatch:
 
 def build_micro_batch(samples: Sequence, *, packing: bool, pad_id: int, image_processor, max_length: int,
                       attn_implementation: str = "sdpa", bos_token_id: int | None = None,
-                      mask_dtype: torch.dtype = torch.float32) -> MicroBatch:
+                      mask_dtype: torch.dtype = torch.float32, break_even_width: float | None = None) -> MicroBatch:
     """One micro-batch of the training loop: the same samples, packed or right-padded, with the
     token counts the throughput metrics need (a 4D mask cannot be summed into a token count)."""
     if packing:
         packed = pack_samples(samples, pad_id=pad_id, image_processor=image_processor, max_length=max_length,
                               attn_implementation=attn_implementation, bos_token_id=bos_token_id,
-                              mask_dtype=mask_dtype)
+                              mask_dtype=mask_dtype, break_even_width=break_even_width)
         return MicroBatch(packed.inputs, packed.real_tokens, packed.padding_fraction)
     batch = collate_padded(list(samples), pad_id, image_processor)
     return MicroBatch(batch, int(batch["attention_mask"].sum()), padding_fraction(batch))

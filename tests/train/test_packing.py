@@ -14,6 +14,7 @@ from llava.data.collate import collate_padded
 from llava.data.encode import IGNORE_INDEX, EncodedSample, encode_record
 from llava.train.packing import (
     PackingError,
+    attention_break_even,
     attention_implementation,
     balance_rows,
     build_micro_batch,
@@ -248,6 +249,30 @@ def test_balance_rows_evens_out_first_fit():
     rows = plan_rows(lengths, 512)
     assert rows == [[0, 1], [2, 3]]  # 390 + 350 tokens, padded to 390
     assert balance_rows(rows, lengths, 512) == [[0, 3], [1, 2]]  # 370 + 370
+
+
+def test_masked_layout_weighs_padding_against_quadratic_attention(processor, samples):
+    common = dict(pad_id=processor.tokenizer.pad_token_id, image_processor=processor.image_processor,
+                  max_length=1024, attn_implementation="sdpa")
+    longest = max(s.length for s in samples)
+    dense = pack_samples(samples, **common)  # no cost model: as few rows of max_length as fit
+    assert dense.inputs["input_ids"].shape[0] == 1
+    # Attention-dominated (tiny break-even): rows no wider than the longest sample.
+    tight = pack_samples(samples, **common, break_even_width=1.0)
+    rows, width = tight.inputs["input_ids"].shape
+    assert width == longest and 1 < rows < len(samples)
+    # Matmul-dominated (7B-like break-even): back to the fewest padded positions.
+    wide = pack_samples(samples, **common, break_even_width=25_000.0)
+    assert wide.inputs["input_ids"].shape == dense.inputs["input_ids"].shape
+
+
+def test_attention_break_even_from_config(tiny_llava_dir):
+    from transformers import AutoConfig, LlamaConfig
+
+    tiny = attention_break_even(AutoConfig.from_pretrained(tiny_llava_dir))
+    llama7b = attention_break_even(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                               vocab_size=32000))
+    assert 500 < tiny < 3000 and 20_000 < llama7b < 30_000
 
 
 def test_plan_rows_fills_rows_and_rejects_oversize():

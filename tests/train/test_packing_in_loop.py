@@ -30,7 +30,7 @@ def test_packed_training_follows_the_padded_loss_curve(ray_local, tiny_checkpoin
         cfg = load_config(TrainConfig, CONFIG, [
             f"model.vision={vision}", f"model.language_model={lm}", "model.init_from=null",
             f"data.records={shapes_data.stage2}", f"data.image_root={shapes_data.image_root}",
-            f"data.packing={str(packing).lower()}", "optim.max_steps=3",
+            f"data.packing={str(packing).lower()}", "data.group_by_modality_length=false", "optim.max_steps=3",
             "optim.global_batch=16", "optim.micro_batch=4", "checkpoint.every_n_steps=100",
             f"checkpoint.storage={tmp_path / 'ckpt'}", f"output={tmp_path / name}", f"name={name}"])
         runs[packing] = run_training(cfg).run_id
