@@ -52,17 +52,33 @@ STAGE2_CONFIG = ROOT / "jobs" / "configs" / "tiny_stage2.yaml"
 
 @dataclass
 class Throughput:
+    """Measured steps of one configuration (several runs concatenate)."""
+
     name: str
-    samples_per_s: float
-    tokens_per_s: float
-    useful_fraction: float
-    steps: int
+    samples: list[float]
+    tokens: list[float]
+    seconds: list[float]
+    pads: list[float]  # padding fraction of every micro-batch (rank 0 for the project's loop)
 
+    @property
+    def samples_per_s(self) -> float:
+        return sum(self.samples) / sum(self.seconds)
 
-def summarize(name: str, samples: list[float], tokens: list[float], seconds: list[float],
-              pads: list[float]) -> Throughput:
-    return Throughput(name, sum(samples) / sum(seconds), sum(tokens) / sum(seconds), 1.0 - sum(pads) / len(pads),
-                      len(seconds))
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens) / sum(self.seconds)
+
+    @property
+    def useful_fraction(self) -> float:
+        return 1.0 - sum(self.pads) / len(self.pads)
+
+    @property
+    def steps(self) -> int:
+        return len(self.seconds)
+
+    def __add__(self, other: Throughput) -> Throughput:
+        return Throughput(self.name, self.samples + other.samples, self.tokens + other.tokens,
+                          self.seconds + other.seconds, self.pads + other.pads)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -80,11 +96,12 @@ def prepare(work: Path, n_images: int, pretrain_steps: int):
     return data, vision, lm
 
 
-def stage2_config(work: Path, data, vision: Path, lm: Path, args, *, packing: bool):
+def stage2_config(work: Path, data, vision: Path, lm: Path, args, *, packing: bool, tag: str):
     from jobs.train_config import TrainConfig
     from llava_platform.config import load_config
 
-    name = "packed" if packing else "loop"
+    # A fresh name per run: Ray Train would otherwise restore an earlier run of the same name.
+    name = ("packed" if packing else "loop") + tag
     return load_config(TrainConfig, STAGE2_CONFIG, [
         f"model.vision={vision}", f"model.language_model={lm}", "model.init_from=null",
         f"data.records={data.stage2}", f"data.image_root={data.image_root}", f"data.packing={str(packing).lower()}",
@@ -100,12 +117,12 @@ def stage2_config(work: Path, data, vision: Path, lm: Path, args, *, packing: bo
 # ------------------------------------------------------------------------------- this project's loop
 
 
-def project_loop(work: Path, data, vision: Path, lm: Path, args, *, packing: bool) -> Throughput:
+def project_loop(work: Path, data, vision: Path, lm: Path, args, *, packing: bool, tag: str) -> Throughput:
     from mlflow.tracking import MlflowClient
 
     from jobs.train import run_training
 
-    cfg = stage2_config(work, data, vision, lm, args, packing=packing)
+    cfg = stage2_config(work, data, vision, lm, args, packing=packing, tag=tag)
     result = run_training(cfg)
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
 
@@ -119,14 +136,14 @@ def project_loop(work: Path, data, vision: Path, lm: Path, args, *, packing: boo
     # Each step ran one global batch; its time is samples / (samples/s), its tokens (tokens/s) x time.
     seconds = [args.global_batch / sps[s] for s in steady]
     tokens = [tps[s] * t for s, t in zip(steady, seconds)]
-    return summarize("packed" if packing else "loop", [args.global_batch] * len(steady), tokens, seconds,
-                     [pads[s] for s in steady])
+    return Throughput("packed" if packing else "loop", [args.global_batch] * len(steady), tokens, seconds,
+                      [pads[s] for s in steady])
 
 
 # ------------------------------------------------------------------------------ Hugging Face Trainer
 
 
-def hf_trainer(work: Path, data, vision: Path, lm: Path, args) -> Throughput:
+def hf_trainer(work: Path, data, vision: Path, lm: Path, args, *, tag: str) -> Throughput:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -170,7 +187,7 @@ def hf_trainer(work: Path, data, vision: Path, lm: Path, args) -> Throughput:
 
     accumulation = args.global_batch // args.micro_batch
     targs = TrainingArguments(
-        output_dir=str(work / "hf-trainer"), per_device_train_batch_size=args.micro_batch,
+        output_dir=str(work / f"hf-trainer{tag}"), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=accumulation, max_steps=args.steps, learning_rate=1e-3, weight_decay=0.0,
         lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=1.0, optim="adamw_torch",
         save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, use_cpu=True,
@@ -180,8 +197,8 @@ def hf_trainer(work: Path, data, vision: Path, lm: Path, args) -> Throughput:
     step_seconds = [b - a for a, b in zip(ends, ends[1:])]
     per_step = [counts[i * accumulation : (i + 1) * accumulation] for i in range(len(step_seconds))]
     keep = range(args.warmup, len(step_seconds))
-    return summarize("trainer", [args.global_batch] * len(keep), [sum(t for t, _ in per_step[i]) for i in keep],
-                     [step_seconds[i] for i in keep], [p for i in keep for _, p in per_step[i]])
+    return Throughput("trainer", [args.global_batch] * len(keep), [sum(t for t, _ in per_step[i]) for i in keep],
+                      [step_seconds[i] for i in keep], [p for i in keep for _, p in per_step[i]])
 
 
 # ----------------------------------------------------------------------------------------- GPU MFU
@@ -324,17 +341,27 @@ def cpu_section(args, work: Path) -> list[Throughput]:
     import ray
 
     data, vision, lm = prepare(work, args.images, args.pretrain_steps)
-    trainer = hf_trainer(work, data, vision, lm, args)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=args.verbose,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path,
                                        "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}})
+    runs = {
+        "trainer": lambda tag: hf_trainer(work, data, vision, lm, args, tag=tag),
+        "loop": lambda tag: project_loop(work, data, vision, lm, args, packing=False, tag=tag),
+        "packed": lambda tag: project_loop(work, data, vision, lm, args, packing=True, tag=tag),
+    }
+    got: dict[str, Throughput] = {}
     try:
-        loop = project_loop(work, data, vision, lm, args, packing=False)
-        packed = project_loop(work, data, vision, lm, args, packing=True)
+        # Other load on a shared machine drifts over minutes: alternate the order (ABC, CBA, ...)
+        # so that no configuration always runs first or last.
+        for r in range(args.repeats):
+            for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+                t = runs[name](f"-r{r}")
+                print(f"[{name} run {r}] {t.samples_per_s:.2f} samples/s, load {os.getloadavg()[0]:.1f}", flush=True)
+                got[name] = got[name] + t if name in got else t
     finally:
         ray.shutdown()
-    return [trainer, loop, packed]
+    return [got[name] for name in runs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="leading steps left out of the figures")
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration, in alternating order")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers of the project's loop")
     p.add_argument("--threads", type=int, default=2, help="torch threads in total (split over the workers)")
     p.add_argument("--images", type=int, default=96, help="synthetic images (4 stage-2 records each)")
@@ -370,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer, loop, packed = rows
         print(f"\nCPU stage 2, tiny model: global batch {args.global_batch}, micro-batch {args.micro_batch}, "
               f"{args.threads} torch threads, loop on {args.workers} Ray worker(s); steps {args.warmup + 1}-"
-              f"{args.steps} measured")
+              f"{args.steps} of {args.repeats} run(s) each measured")
         print_table(rows, trainer)
         print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         for r in rows:
