@@ -153,13 +153,13 @@ class RowStop(StoppingCriteria):
         # A stop string of n characters spans at most n tokens, plus a margin for byte-level pieces.
         self._tail = [max((len(s) for s in row), default=0) + 4 for row in stops]
 
-    def _row_done(self, row: int, ids: torch.Tensor, n_new: int) -> str | None:
+    def _row_done(self, row: int, input_ids: torch.Tensor, last: int, n_new: int) -> str | None:
         if n_new <= 0:
             return None
-        if int(ids[-1]) in self.eos:
+        if last in self.eos:
             return FINISH_STOP
         if self.stops[row]:
-            tail = self.tokenizer.decode(ids[-min(n_new, self._tail[row]):], skip_special_tokens=True)
+            tail = self.tokenizer.decode(input_ids[row, -min(n_new, self._tail[row]):], skip_special_tokens=True)
             if any(s in tail for s in self.stops[row]):
                 return FINISH_STOP
         if n_new >= self.budgets[row]:
@@ -168,9 +168,12 @@ class RowStop(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
         n_new = input_ids.shape[1] - self.prompt_len
-        for row in range(input_ids.shape[0]):
+        # One tensor -> list conversion per step instead of one small tensor op per row: this runs
+        # after every generated token, and with a tiny model its Python cost is a visible share.
+        last_tokens = input_ids[:, -1].tolist()
+        for row, last in enumerate(last_tokens):
             if self.finished[row] is None:
-                reason = self._row_done(row, input_ids[row], n_new)
+                reason = self._row_done(row, input_ids, last, n_new)
                 if reason is None and self.cancelled.is_set():
                     reason = FINISH_STOP
                 if reason is not None:
@@ -207,6 +210,62 @@ def _model_inputs(model: Any, encoded: Any) -> dict[str, Any]:
     return inputs
 
 
+# Generation-config fields that make `generate` alter greedy logits; with any of them set, the plain
+# greedy loop below would answer differently, so `generate` is used instead.
+_LOGIT_RULES = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+                "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
+                "sequence_bias", "encoder_repetition_penalty", "exponential_decay_length_penalty",
+                "forced_decoder_ids", "num_beams", "guidance_scale", "watermarking_config")
+_NEUTRAL = (None, 0, 1, 1.0, [], {})
+
+
+def plain_greedy_ok(model: Any) -> bool:
+    """Whether greedy decoding is just argmax per step for this model (no logits processors configured)."""
+    gen = getattr(model, "generation_config", None)
+    return gen is not None and all(getattr(gen, name, None) in _NEUTRAL for name in _LOGIT_RULES)
+
+
+@torch.inference_mode()
+def greedy_decode(model: Any, inputs: dict[str, Any], max_new_tokens: int, criteria: StoppingCriteria) -> torch.Tensor:
+    """Greedy decoding with a KV cache: the same tokens as `model.generate(do_sample=False)`, without
+    its per-step machinery (logits processors, generic cache bookkeeping, output containers).
+
+    With a small model on CPU that machinery costs about as much as the forward pass itself, and
+    serving pays it on every token of every batch. Returns prompt + generated ids like `generate`.
+    """
+    from transformers import DynamicCache
+
+    attn = inputs["attention_mask"]
+    # Left padding: each row's positions count only its real tokens, as `generate` computes them.
+    positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    ids = inputs["input_ids"]
+    last = positions[:, -1:]
+    ones = attn.new_ones(attn.shape[0], 1)
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        if bool(criteria(ids, out.logits[:, -1]).all()):
+            break
+        attn = torch.cat([attn, ones], dim=1)
+        last = last + 1
+        out = model(input_ids=token, attention_mask=attn, position_ids=last, past_key_values=cache, use_cache=True)
+    return ids
+
+
+def _generate_sampled(model: Any, tokenizer: Any, encoded: Any, budgets: list[int], criteria: RowStop,
+                      temperature: float, top_p: float) -> torch.Tensor:
+    """`model.generate` for everything the greedy loop does not cover (sampling, logits processors)."""
+    return model.generate(
+        **_model_inputs(model, encoded),
+        max_new_tokens=max(budgets),
+        stopping_criteria=StoppingCriteriaList([criteria]),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(criteria.eos or {0}),
+        **_sampling_kwargs(temperature, top_p),
+    )
+
+
 @torch.inference_mode()
 def generate_batch(
     model: Any,
@@ -221,7 +280,8 @@ def generate_batch(
     image_mode: str = "pad",
     prompts: Sequence[PreparedPrompt] | None = None,
 ) -> list[GenerationResult]:
-    """Generate one answer per request in a single left-padded `model.generate` call.
+    """Generate one answer per request in a single left-padded batch: `greedy_decode` for greedy
+    requests (same tokens as `model.generate`, less overhead per step), `model.generate` otherwise.
 
     `prompts`, when given, are the requests' already rendered prompts (serving renders them once to
     check the context length and passes them on rather than pre-processing the images twice).
@@ -238,13 +298,10 @@ def generate_batch(
     criteria = RowStop(tokenizer, prompt_len, budgets, stops, _eos_ids(model, processor))
     if seed is not None:
         torch.manual_seed(int(seed))
-    out = model.generate(
-        **_model_inputs(model, encoded),
-        max_new_tokens=max(budgets),
-        stopping_criteria=StoppingCriteriaList([criteria]),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(criteria.eos or {0}),
-        **_sampling_kwargs(temperature, top_p),
-    )
+    if temperature <= 0 and plain_greedy_ok(model):
+        out = greedy_decode(model, _model_inputs(model, encoded), max(budgets), criteria)
+    else:
+        out = _generate_sampled(model, tokenizer, encoded, budgets, criteria, temperature, top_p)
     results = []
     for row in range(len(requests)):
         n_new, reason = criteria.finished[row] or (int(out.shape[1]) - prompt_len, FINISH_LENGTH)

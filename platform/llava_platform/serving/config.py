@@ -51,13 +51,15 @@ class ModelDeployment(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
-    # Dynamic batching: a batch closes at max_batch_size requests or after batch_wait_timeout_s.
-    max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
+    # Dynamic batching (serving/batching.py): a batch closes once it holds as many requests as the
+    # replica recently had in flight (at most max_batch_size), or when its oldest request has waited
+    # batch_wait_timeout_s. Short on purpose: requests that queue while a batch runs skip the wait.
+    max_batch_size: int = Field(32, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
     # Back-pressure: at most max_ongoing_requests in a replica, max_queued_requests waiting at each
     # caller; beyond that the caller gets BackPressureError and the client a 503 + Retry-After.
-    max_ongoing_requests: int = Field(16, ge=1)
-    max_queued_requests: int = Field(32, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
     # Re-resolve model_uri (e.g. models:/llava@champion) this often and switch when it changed; 0 = off.
     watch_interval_s: float = Field(0.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)

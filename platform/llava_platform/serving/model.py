@@ -25,6 +25,7 @@ from typing import Any
 
 from ray import serve
 
+from llava_platform.serving.batching import AdaptiveBatcher
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 
 log = logging.getLogger("llava.serving")
@@ -113,8 +114,8 @@ class LlavaModel:
         self._reload_lock = asyncio.Lock()
         self._last_watch = time.monotonic()
         self.bundle = load_model(resolve_model(self.model_uri, self.cfg), self.cfg)
-        self.generate_batched.set_max_batch_size(self.cfg.model.max_batch_size)
-        self.generate_batched.set_batch_wait_timeout_s(self.cfg.model.batch_wait_timeout_s)
+        self.batcher = AdaptiveBatcher(self._run_batch_async, max_batch_size=self.cfg.model.max_batch_size,
+                                       wait_s=self.cfg.model.batch_wait_timeout_s)
         log.info("loaded model %s version %s", self.bundle.model_dir, self.bundle.version)
 
     # ------------------------------------------------------------------------------------ status
@@ -156,11 +157,10 @@ class LlavaModel:
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         """One request -> {"result": ..., "version": ...} or {"error": {...}}; batched with its neighbours."""
-        return await self.generate_batched(item)
+        return await self.batcher.submit(item)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        bundle = self.bundle
+    async def _run_batch_async(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        bundle = self.bundle  # taken before the thread hop: a reload during the batch does not affect it
         return await asyncio.to_thread(self._run_batch, bundle, items)
 
     def _run_batch(self, bundle: LoadedModel, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
