@@ -93,9 +93,14 @@ class AdaptiveBatcher:
         while not self._pending:
             await self._wait_for_arrival(None)
         target = self.demand()
-        deadline = self._pending[0][2] + self.wait_s  # the oldest request waits at most wait_s
+        started = time.monotonic()
         while len(self._pending) < target:
-            remaining = deadline - time.monotonic()
+            # Once half the expected batch is here, wait for the rest a full wait_s from now: requests
+            # that queued while the previous batch ran would otherwise go at once, without the clients
+            # that batch just answered, and batches would split into two half-size ones for good.
+            # With less than half here, the rest is far away: the oldest request waits at most wait_s.
+            base = started if 2 * len(self._pending) >= target else self._pending[0][2]
+            remaining = base + self.wait_s - time.monotonic()
             if remaining <= 0 or not await self._wait_for_arrival(remaining):
                 break
         batch = []

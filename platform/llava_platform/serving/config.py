@@ -52,10 +52,10 @@ class ModelDeployment(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
     # Dynamic batching (serving/batching.py): a batch closes once it holds as many requests as the
-    # replica recently had in flight (at most max_batch_size), or when its oldest request has waited
-    # batch_wait_timeout_s. Short on purpose: requests that queue while a batch runs skip the wait.
+    # replica recently had in flight (at most max_batch_size), so at a steady load it rarely waits
+    # the timeout; batch_wait_timeout_s bounds the wait when fewer requests come than expected.
     max_batch_size: int = Field(32, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
     # Back-pressure: at most max_ongoing_requests in a replica, max_queued_requests waiting at each
     # caller; beyond that the caller gets BackPressureError and the client a 503 + Retry-After.
     max_ongoing_requests: int = Field(32, ge=1)
