@@ -102,7 +102,10 @@ def _kill_one_worker_after_checkpoint(storage: Path, killed: dict) -> None:
 
     deadline = time.time() + 300
     while time.time() < deadline and not killed:
-        if list(storage.glob("*/checkpoint_*")):
+        # Kill once Ray has registered a checkpoint (its manager snapshot names one): a kill before
+        # that rightly restarts from step 0, which would test nothing here.
+        if any('"latest_checkpoint_result": null' not in f.read_text() and "checkpoint_" in f.read_text()
+               for f in storage.glob("*/checkpoint_manager_snapshot.json")):
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
                     proc.send_signal(signal.SIGKILL)

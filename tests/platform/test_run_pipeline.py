@@ -45,7 +45,7 @@ def test_llavactl_run_end_to_end(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     client = MlflowClient()
     mv = client.get_model_version_by_alias("llava-tiny", "champion")
-    assert mv.version == summary["version"]
+    assert str(mv.version) == str(summary["version"])
     # Nested runs: both stages are children of the pipeline run.
     for stage in ("stage1", "stage2"):
         run = client.get_run(summary["runs"][stage])
