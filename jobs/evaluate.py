@@ -15,7 +15,6 @@ registry version also records the metrics on that version, where the promotion g
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Any
 from pydantic import Field
 
 from llava_platform import storage
-from llava_platform.config import ConfigError, StrictModel, load_config
+from llava_platform.config import ConfigError, StrictModel, job_arguments, load_config
 from llava_platform.judge_client import JudgeError, JudgeSettings
 from llava_platform.model_uri import ModelURIError
 
@@ -328,13 +327,11 @@ def _write_outputs(cfg: EvaluateConfig, results: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="evaluation config YAML (jobs/configs/evaluate_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=runs:/<id>/model")
-    args = parser.parse_args(argv)
+    config, overrides = job_arguments(argv, prog="python -m jobs.evaluate", description=__doc__.splitlines()[0],
+                                      example="model=runs:/<id>/model")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(EvaluateConfig, args.config, args.overrides)
+        cfg = load_config(EvaluateConfig, config, overrides)
         results = run_evaluation(cfg)
     except (ConfigError, JudgeError, ModelURIError) as err:
         print(f"jobs.evaluate: {err}", file=sys.stderr)

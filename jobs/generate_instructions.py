@@ -18,7 +18,6 @@ missing; rejected ids are asked again. Few-shot sampling depends only on (seed, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -33,7 +32,7 @@ from llava.datagen.parse import ReplyParseError, reply_to_record
 from llava.datagen.prompts import PromptError, build_messages, load_prompt_dir
 from llava.datagen.rule_teacher import TASK_TYPES, RuleTeacher
 from llava_platform import storage
-from llava_platform.config import ConfigError, StrictModel, config_digest, load_config
+from llava_platform.config import ConfigError, StrictModel, config_digest, job_arguments, load_config
 from llava_platform.teacher_client import TeacherClient, TeacherError, TeacherSettings
 
 log = logging.getLogger("jobs.generate_instructions")
@@ -218,13 +217,11 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.generate_instructions", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (jobs/configs/generate_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.kind=rule")
-    args = parser.parse_args(argv)
+    config, overrides = job_arguments(argv, prog="python -m jobs.generate_instructions", config_required=False,
+                                      description=__doc__.split("\n")[0], example="teacher.kind=rule")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(GenerateConfig, args.config, args.overrides)
+        cfg = load_config(GenerateConfig, config, overrides)
         summary = generate(cfg)
     except (ConfigError, PromptError, storage.StorageError, TeacherError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,6 @@ pipeline run. `llavactl run` starts this job on the embedded stack and then serv
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ from pydantic import Field
 from jobs.train import run_training
 from jobs.train_config import TrainConfig
 from llava_platform import tracking
-from llava_platform.config import ConfigError, StrictModel, load_config
+from llava_platform.config import ConfigError, StrictModel, job_arguments, load_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -135,12 +134,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(CONFIG_DIR / "pipeline_tiny.yaml"))
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. workdir=/tmp/run")
-    args = parser.parse_args(argv)
+    config, overrides = job_arguments(argv, prog="python -m jobs.pipeline", description=__doc__.splitlines()[0],
+                                      example="workdir=/tmp/run", config_required=False)
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        cfg = load_config(PipelineConfig, config or CONFIG_DIR / 'pipeline_tiny.yaml', overrides)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ The job fails (exit 1, no manifest) when rejected / total exceeds `max_reject_fr
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -38,7 +37,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from llava_platform import storage
-from llava_platform.config import ConfigError, StrictModel, config_digest, flatten, load_config
+from llava_platform.config import ConfigError, StrictModel, config_digest, flatten, job_arguments, load_config
 
 log = logging.getLogger("jobs.preprocess")
 MANIFEST_FORMAT = "llava-processed-shards/v1"
@@ -502,13 +501,11 @@ def print_summary(manifest: dict[str, Any], out: Any = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (jobs/configs/preprocess_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_length=512")
-    args = parser.parse_args(argv)
+    config, overrides = job_arguments(argv, prog="python -m jobs.preprocess", config_required=False,
+                                      description=__doc__.split("\n")[0], example="max_length=512")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(PreprocessConfig, args.config, args.overrides)
+        cfg = load_config(PreprocessConfig, config, overrides)
         manifest, passed = run(cfg)
     except (ConfigError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)

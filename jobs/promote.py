@@ -16,7 +16,6 @@ The job logs its own MLflow run (phase `promote`) holding the gate decision. Exi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from pydantic import Field
 
 from llava_platform import registry as reg
 from llava_platform import tracking
-from llava_platform.config import ConfigError, StrictModel, load_config
+from llava_platform.config import ConfigError, StrictModel, job_arguments, load_config
 from llava_platform.registry import GateConfig, MetricBound
 
 
@@ -156,12 +155,10 @@ def sqlite_artifact_location(tracking_uri: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.promote", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="promotion config YAML (jobs/configs/promote_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. source.run_id=abc")
-    args = parser.parse_args(argv)
+    config, overrides = job_arguments(argv, prog="python -m jobs.promote", description=__doc__.splitlines()[0],
+                                      example="source.run_id=abc")
     try:
-        cfg = load_config(PromoteConfig, args.config, args.overrides)
+        cfg = load_config(PromoteConfig, config, overrides)
         summary = run_promotion(cfg)
     except (ConfigError, reg.RegistryError) as err:
         print(f"jobs.promote: {err}", file=sys.stderr)

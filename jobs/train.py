@@ -9,7 +9,6 @@ config and the DeepSpeed config, and runs `jobs.train_worker.train_loop` on ever
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ import yaml
 
 from jobs.train_config import TrainConfig, with_absolute_paths
 from llava_platform import storage, tracking
-from llava_platform.config import ConfigError, load_config
+from llava_platform.config import ConfigError, job_arguments, load_config
 
 
 @dataclass
@@ -132,12 +131,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="stage config YAML (jobs/configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_args(argv)
+    config, overrides = job_arguments(argv, prog="python -m jobs.train", description=__doc__.splitlines()[0],
+                                      example="optim.lr=1e-4")
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_config(TrainConfig, config, overrides)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -101,3 +101,15 @@ def config_digest(model: BaseModel) -> str:
     """Stable short digest of a config, for lineage tags."""
     blob = json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def job_arguments(argv: list[str] | None, *, prog: str, description: str, example: str,
+                  config_required: bool = True) -> tuple[str | None, list[str]]:
+    """The command line every job shares: `--config FILE` plus `key=value` overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=config_required, help="YAML config (jobs/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
