@@ -13,8 +13,9 @@ from PIL import Image
 
 from llava.data.synthetic import COLORS, write_shapes_dataset
 from llava.datagen.rule_teacher import TASK_TYPES
+from tests.paths import REFERENCE as SHARED_REFERENCE
 
-REFERENCE = Path("/work/shared/reference/llava/caps_boxes_coco2014_val_80.jsonl")
+REFERENCE = SHARED_REFERENCE / "caps_boxes_coco2014_val_80.jsonl"
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

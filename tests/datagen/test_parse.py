@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,8 @@ from llava.datagen.parse import ReplyParseError, parse_qa_pairs, reply_to_record
 from llava.datagen.prompts import load_prompt_dir
 from llava.datagen.rule_teacher import TASK_TYPES, RuleTeacher
 from llava.datagen.scene import Scene
+from tests.paths import REFERENCE
 
-REFERENCE = Path("/work/shared/reference/llava")
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared reference data not present")
 
 

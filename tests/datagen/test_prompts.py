@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,8 @@ from llava.datagen.prompts import (
     load_prompt_dir,
 )
 from llava.datagen.rule_teacher import TASK_TYPES
+from tests.paths import REFERENCE
 
-REFERENCE = Path("/work/shared/reference/llava")
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared reference data not present")
 
 

@@ -7,6 +7,7 @@ import pytest
 from llava.eval import judge
 from llava_platform.judge_client import JudgeError, JudgeSettings, judge_answers
 from tests.eval.judge_server import JudgeServer
+from tests.paths import REFERENCE
 
 ITEMS = [
     {"id": "q1", "category": "conv", "question": "What color is the circle?", "context": "A red circle.",
@@ -47,7 +48,7 @@ def test_judge_round_trip_with_retry(monkeypatch):
 
 def test_reference_rule_file_is_used(monkeypatch):
     monkeypatch.setenv("JUDGE_TEST_KEY", "judge-test-key")
-    reference = "/work/shared/reference/llava/rule.json"
+    reference = str(REFERENCE / "rule.json")
     with JudgeServer(_reply) as server:
         judge_answers(ITEMS[:1], ["Red."], _settings(server, rules=reference))
     assert judge.load_rules(reference)["conv"].prompt in server.requests[0]["messages"][1]["content"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from llava.eval import judge, scienceqa, shapes
+from tests.paths import REFERENCE as SHARED_REFERENCE
 
-REFERENCE_RULES = Path("/work/shared/reference/llava/rule.json")
+REFERENCE_RULES = SHARED_REFERENCE / "rule.json"
 
 # ----------------------------------------------------------------------------- shapes exact match
 

@@ -12,8 +12,8 @@ from llava.datagen.prompts import BOX_LINE, load_prompt_dir
 from llava.datagen.rule_teacher import TASK_TYPES
 from llava_platform import storage
 from tests.datagen.teacher_server import TeacherServer
+from tests.paths import REFERENCE
 
-REFERENCE = Path("/work/shared/reference/llava")
 CAPS = REFERENCE / "caps_boxes_coco2014_val_80.jsonl"
 pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared reference data not present")
 
