@@ -47,18 +47,20 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,steps,lr", [(1, 30, "2e-3"), (2, 30, "1e-3")])
+# Measured on this preset (2026-11-22): stage 1 loss 3.97 -> 2.78 (ratio 0.70), stage 2 3.50 -> 0.61
+# (0.18), averages of the first and last three steps. The bounds leave room for noise and still fail
+# when a stage learns nothing useful (frozen projector, wrong labels, all-masked samples).
+@pytest.mark.parametrize("stage,steps,lr,max_ratio", [(1, 30, "2e-3", 0.8), (2, 30, "1e-3", 0.4)])
 def test_stage_training_cuts_the_loss(ray_local, tracking_uri, pretrained_checkpoints, shapes_data, tmp_path,
-                                      stage, steps, lr):
+                                      stage, steps, lr, max_ratio):
     cfg = stage_cfg(stage, pretrained_checkpoints, shapes_data, tmp_path, f"optim.max_steps={steps}",
                     f"optim.lr={lr}", f"name=learn{stage}", "checkpoint.every_n_steps=100")
     result = run_training(cfg)
     curve = losses(result.run_id)
     assert len(curve) == steps
     first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
-    # Measured on this preset: stage 1 goes ~4.3 -> ~2.2, stage 2 ~2.5 -> ~1.0 (see tests' note);
-    # the bound leaves room for run-to-run noise but fails if training does nothing useful.
-    assert last < 0.75 * first, f"stage {stage} loss {first:.3f} -> {last:.3f}"
+    print(f"stage {stage} loss {first:.3f} -> {last:.3f} ({last / first:.2f})")
+    assert last < max_ratio * first, f"stage {stage} loss {first:.3f} -> {last:.3f}"
     exported = Path(result.output)
     assert (exported / "model.safetensors").exists() and (exported / "processor_config.json").exists()
     client = MlflowClient()
