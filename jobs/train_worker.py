@@ -230,6 +230,28 @@ def train_loop(config: dict) -> None:
     _say(ctx, f"stage {cfg.stage}: {len(samples)} samples, {total} steps of {plan.global_batch} "
               f"({plan.micro_batch} x {plan.accumulation} accumulation x {ctx.world_size} workers), "
               f"ZeRO-{cfg.distributed.zero_stage}, {precision}" + (f", resuming at step {start}" if start else ""))
+    monitor = _system_metrics(ctx, start)
+    try:
+        _run_steps(cfg, engine, scheduler, processor, samples, plan, ctx, start, per_epoch, total, precision)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_metrics(ctx: WorkerContext, start: int):
+    """CPU/GPU/memory of the lead worker's node sampled into the stage run (MLflow system metrics)."""
+    if not (ctx.lead and ctx.run_id):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(ctx.run_id, sampling_interval=2, resume_logging=start > 0)
+    monitor.start()
+    return monitor
+
+
+def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ctx: WorkerContext, start: int,
+               per_epoch: int, total: int, precision: str) -> None:
+    model = engine.module
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     pad_id = processor.tokenizer.pad_token_id
     # data.packing: each micro-batch keeps its micro_batch samples (so the global batch and the loss

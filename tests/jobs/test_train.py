@@ -67,6 +67,7 @@ def test_stage_training_cuts_the_loss(ray_local, tracking_uri, pretrained_checkp
     run = client.get_run(result.run_id)
     for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "padding_fraction"):
         assert key in run.data.metrics, key
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), "system metrics of the lead worker"
     assert run.data.params["optim.global_batch"] == "8" and run.data.tags["llava.phase"] == f"stage{stage}"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config", "model"} <= artifacts
