@@ -170,7 +170,23 @@ def stage2_records(caps: dict[str, Any], teacher: RuleTeacher, seed: int) -> lis
     out.append({"id": f"{caps['id']}_short_answer", "image": caps["image"],
                 "conversations": [{"from": "human", "value": place_image_token(qa.question, rng)},
                                   {"from": "gpt", "value": qa.answer}]})
+    out.append(multiple_choice_record(caps, rng))
     return out
+
+
+def multiple_choice_record(caps: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """One ScienceQA-format item about a training image, in the evaluation's exact prompt, answered
+    with the bare letter (the LLaVA-1.5 recipe teaches this format the same way)."""
+    from llava.eval.scienceqa import answer_letter, build_prompt
+
+    item = rng.choice(scienceqa_items(caps))
+    prompt = build_prompt(item)
+    record = {"id": f"{caps['id']}_multiple_choice"}
+    if item["image"]:
+        record["image"] = item["image"]
+        prompt = "<image>\n" + prompt
+    record["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer_letter(item)}]
+    return record
 
 
 def eval_questions(caps: dict[str, Any]) -> list[ShortQA]:
@@ -186,7 +202,7 @@ def eval_questions(caps: dict[str, Any]) -> list[ShortQA]:
 
 
 def scienceqa_items(caps: dict[str, Any]) -> list[dict[str, Any]]:
-    """Multiple-choice questions about one held-out image, ScienceQA style (answer = choice index)."""
+    """Multiple-choice questions about one image, ScienceQA style (answer = choice index)."""
     rng = random.Random(f"sqa:{caps['id']}")
     scene = Scene.from_record(caps)
     n = len(scene.objects)

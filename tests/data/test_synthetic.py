@@ -87,11 +87,14 @@ def test_stage1_and_stage2_records(shapes):
 
     stage2 = json.loads(shapes.stage2.read_text())
     kinds = {rec["id"].split("_", 2)[-1] for rec in stage2}
-    assert set(TASK_TYPES) <= kinds and "short_answer" in kinds
+    assert set(TASK_TYPES) <= kinds and {"short_answer", "multiple_choice"} <= kinds
     for rec in stage2:
         turns = rec["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
-        assert sum(t["value"].count("<image>") for t in turns) == 1
+        assert sum(t["value"].count("<image>") for t in turns) == (1 if rec.get("image") else 0)
+    for rec in (r for r in stage2 if r["id"].endswith("_multiple_choice")):
+        human, gpt = rec["conversations"]
+        assert "Options: (A)" in human["value"] and gpt["value"] in {"A", "B", "C"}
         assert all(t["value"].strip() for t in turns)
 
 
