@@ -19,20 +19,13 @@ from PIL import Image
 from llava.data.images import ImageError, ImageMode, open_image, prepare_image
 from llava.data.records import RecordError, image_list, to_messages
 from llava.data.templates import IMAGE_TOKEN, Template, TemplateError, get_template
+from llava.errors import ReasonedError
 
 IGNORE_INDEX = -100
 
 
-class SampleRejected(ValueError):
+class SampleRejected(ReasonedError):
     """A record that cannot become a training sample. `reason` starts with a short code."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-    @property
-    def code(self) -> str:
-        return self.reason.split(":", 1)[0]
 
 
 @dataclass

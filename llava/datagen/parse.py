@@ -20,22 +20,15 @@ import re
 from typing import Any
 
 from llava.datagen.instruction_lists import DETAIL_PROMPTS, place_image_token
+from llava.errors import ReasonedError
 
 SEPARATOR = re.compile(r"^\s*===\s*$", re.MULTILINE)
 # The teacher must speak as if it saw the image; these give away the symbolic source.
 SOURCE_LEAKS = re.compile(r"bounding box|coordinates|\bcaptions?\b|\[\s*0?\.\d+\s*,", re.IGNORECASE)
 
 
-class ReplyParseError(ValueError):
+class ReplyParseError(ReasonedError):
     """A malformed teacher reply. `reason` is `<code>: <detail>`; `code` is the part before the colon."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-    @property
-    def code(self) -> str:
-        return self.reason.split(":", 1)[0]
 
 
 def parse_qa_pairs(reply: str) -> list[tuple[str, str]]:
