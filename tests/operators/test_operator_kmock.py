@@ -55,9 +55,7 @@ class Cluster:
 
     # -- the operator ------------------------------------------------------------------------------
     def start_operator(self, **extra_env: str) -> subprocess.Popen:
-        env = dict(os.environ, **extra_env, KUBECONFIG=str(self.emulator.kubeconfig), LLAVA_OPERATOR_RECONCILE_SECONDS="0.2",
-                   PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "operators"), str(REPO_ROOT / "platform"),
-                                               str(REPO_ROOT)]))
+        env = dict(os.environ, **extra_env, KUBECONFIG=str(self.emulator.kubeconfig), LLAVA_OPERATOR_RECONCILE_SECONDS="0.2")
         if "LLAVA_OPERATOR_MLFLOW_TRACKING_URI" not in extra_env:
             env.pop("MLFLOW_TRACKING_URI", None)
         # The child keeps its own copy of the log file descriptor once started.
