@@ -23,7 +23,6 @@ from kubernetes import client
 from tests.fixtures.k8s import schema_errors
 from tests.operators.pipelines import small_pipeline
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 NS = "default"
 LP = ("llava.dev", "v1alpha1")
 RAY = ("ray.io", "v1")
