@@ -235,6 +235,10 @@ def train_loop(config: dict) -> None:
         _run_steps(cfg, engine, scheduler, processor, samples, plan, ctx, start, per_epoch, total, precision)
     finally:
         if monitor is not None:
+            # MLflow's monitor drops the pending sample on shutdown; publish a last one so that runs
+            # shorter than the sampling interval still record their system metrics.
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
             monitor.finish()
 
 

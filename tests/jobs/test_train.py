@@ -47,10 +47,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-# Measured on this preset (2026-11-22): stage 1 loss 3.97 -> 2.78 (ratio 0.70), stage 2 3.50 -> 0.61
-# (0.18), averages of the first and last three steps. The bounds leave room for noise and still fail
+# Measured on this preset (2026-11-22, synthetic mix with multiple-choice items): stage 1 loss
+# 3.05 -> 2.18 (ratio 0.72), stage 2 4.75 -> 2.02 (0.42), averages of the first and last three steps. The bounds leave room for noise and still fail
 # when a stage learns nothing useful (frozen projector, wrong labels, all-masked samples).
-@pytest.mark.parametrize("stage,steps,lr,max_ratio", [(1, 30, "2e-3", 0.8), (2, 30, "1e-3", 0.4)])
+@pytest.mark.parametrize("stage,steps,lr,max_ratio", [(1, 30, "2e-3", 0.82), (2, 30, "1e-3", 0.55)])
 def test_stage_training_cuts_the_loss(ray_local, tracking_uri, pretrained_checkpoints, shapes_data, tmp_path,
                                       stage, steps, lr, max_ratio):
     cfg = stage_cfg(stage, pretrained_checkpoints, shapes_data, tmp_path, f"optim.max_steps={steps}",
