@@ -223,10 +223,8 @@ def start_eval_run(cfg: EvaluateConfig, model_info: dict[str, Any]) -> str:
     from llava_platform import registry, tracking
 
     uri = _tracking_uri(cfg)
-    location = cfg.tracking.artifact_location
-    if location is None and uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
-    tracking.ensure_experiment(cfg.tracking.experiment, location)
+    # None lets ensure_experiment put artifacts beside a sqlite store (or at the server's default).
+    tracking.ensure_experiment(cfg.tracking.experiment, cfg.tracking.artifact_location)
     name = cfg.tracking.run_name or "evaluate-" + (
         f"{model_info['name']}-v{model_info['version']}" if "version" in model_info else Path(cfg.model).name)
     run_id = tracking.start_job_run(cfg.tracking.experiment, name[:250], "evaluate")

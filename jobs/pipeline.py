@@ -11,6 +11,7 @@ pipeline run. `llavactl run` starts this job on the embedded stack and then serv
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,8 +90,6 @@ def evaluate_and_promote(cfg: PipelineConfig, work: Path, ds, stage2_run: str, p
     ev_cfg = load_config(EvaluateConfig, _config_path(cfg.evaluate_config), [
         f"model=runs:/{stage2_run}/model", f"data_dir={ds.root}", f"output_dir={work / 'eval'}",
         f"tracking.experiment={cfg.experiment}"])
-    import os
-
     os.environ[tracking.PARENT_RUN_ENV] = parent  # nests the evaluation run under the pipeline run
     results = run_evaluation(ev_cfg)
     print(f"[pipeline] evaluation: {json.dumps(results['metrics'], sort_keys=True)}", flush=True)

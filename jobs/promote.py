@@ -133,7 +133,7 @@ def _log_job_run(cfg: PromoteConfig, summary: dict[str, Any]) -> None:
     """A run for this job (phase `promote`) so pipelines can find what it decided."""
     from mlflow import MlflowClient
 
-    tracking.ensure_experiment(cfg.experiment, cfg.artifact_location or sqlite_artifact_location(tracking.configure()))
+    tracking.ensure_experiment(cfg.experiment, cfg.artifact_location)
     run_id = tracking.start_job_run(cfg.experiment, f"promote-{cfg.model_name}-v{summary['version']}", "promote")
     client = MlflowClient()
     decision = summary["decision"]
@@ -143,15 +143,6 @@ def _log_job_run(cfg: PromoteConfig, summary: dict[str, Any]) -> None:
         client.set_tag(run_id, key, value)
     client.log_dict(run_id, summary, "promotion.json")
     tracking.finish_run(run_id)
-
-
-def sqlite_artifact_location(tracking_uri: str) -> str | None:
-    """For an embedded sqlite store, artifacts beside the database instead of ./mlruns in the cwd."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    from pathlib import Path
-
-    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
 
 
 def main(argv: list[str] | None = None) -> int:
