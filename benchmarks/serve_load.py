@@ -141,12 +141,12 @@ def measure(model_dir: Path, args: argparse.Namespace) -> list[tuple[int, dict, 
     # overrides are the access log (one line per request, noise for a load test) and torch threads
     # (the same number as the baseline uses).
     model_cfg: dict = {"torch_threads": args.threads, "resources": {"num_cpus": args.threads}}
+    if args.admit_wait_s is not None:
+        model_cfg["admit_wait_s"] = args.admit_wait_s
     if args.max_batch_size is not None:
         model_cfg["max_batch_size"] = args.max_batch_size
         model_cfg["max_ongoing_requests"] = max(top, args.max_batch_size)
         model_cfg["max_queued_requests"] = 4 * top
-    if args.batch_wait_s is not None:
-        model_cfg["batch_wait_timeout_s"] = args.batch_wait_s
     url = start_app({"model_uri": str(model_dir), "access_log": False, "model": model_cfg},
                     host="127.0.0.1", port=free_port())
     rows = []
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=None, help="default: the shipped config")
-    parser.add_argument("--batch-wait-s", type=float, default=None, help="default: the shipped config")
+    parser.add_argument("--admit-wait-s", type=float, default=None, help="default: the shipped config")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, baseline and model replica alike")
     parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/serving rounds per level")
     args = parser.parse_args()

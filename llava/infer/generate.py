@@ -342,12 +342,15 @@ def stream_generate(
     stop: Sequence[str] | None = None,
     seed: int | None = None,
     image_mode: str = "pad",
+    prompt: PreparedPrompt | None = None,
 ) -> Iterator[StreamEvent]:
     """Yield text deltas as they are generated, then a final event with finish reason and token counts.
 
     Closing the generator early (client went away) cancels the generation at the next token.
+    `prompt`, when given, is the request's already rendered prompt (as in `generate_batch`).
     """
-    prompt = render_prompt(processor, request["messages"], image_mode=image_mode)
+    if prompt is None:
+        prompt = render_prompt(processor, request["messages"], image_mode=image_mode)
     encoded = encode_prompts(processor, [prompt])
     prompt_len = int(encoded["input_ids"].shape[1])
     budgets, stops = _row_rules([request], max_new_tokens, stop)

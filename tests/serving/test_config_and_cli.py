@@ -39,13 +39,12 @@ def test_import_path_from_a_serve_config_file_builds_the_app():
     from ray.serve import Application
 
     assert isinstance(app, Application)
-    ingress = app._bound_deployment
-    model = ingress.init_args[0]._bound_deployment
-    assert model.ray_actor_options["num_gpus"] == 1 and model.ray_actor_options["num_cpus"] == 4
-    assert (model.max_ongoing_requests, model.max_queued_requests) == (8, 16)
-    assert model._deployment_config.autoscaling_config.max_replicas == 3
-    assert ingress.ray_actor_options["num_cpus"] == 0
-    assert ingress.max_queued_requests > 0 and ingress.backpressure_config.retry_after_s >= 1
+    server = app._bound_deployment  # one deployment: API and model in the same replica
+    assert server.init_args[0]["model_uri"] == "models:/llava@champion"
+    assert server.ray_actor_options["num_gpus"] == 1 and server.ray_actor_options["num_cpus"] == 4
+    assert (server.max_ongoing_requests, server.max_queued_requests) == (8, 16)
+    assert server._deployment_config.autoscaling_config.max_replicas == 3
+    assert server.backpressure_config.status_code == 503 and server.backpressure_config.retry_after_s >= 1
 
 
 @pytest.mark.parametrize("args, key", [

@@ -1,5 +1,5 @@
-"""The model deployment's class run in-process (no cluster): batching with mixed good and bad rows,
-and the alias/content watch that hot-swaps the model."""
+"""The replica's model runtime in-process (no cluster): concurrent good and bad requests, a reload
+while a stream is running, and the alias/content watch that hot-swaps the model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from llava_platform.serving.model import LlavaModel
+from llava_platform.serving.model import ModelRuntime
 
 
 def _item(text: str, max_new_tokens: int = 6, **extra) -> dict:
@@ -23,25 +23,53 @@ def _item(text: str, max_new_tokens: int = 6, **extra) -> dict:
 
 @pytest.fixture()
 def replica_cls():
-    return LlavaModel.func_or_class  # the plain class under the Serve decorator
+    return ModelRuntime
 
 
-def test_batch_with_a_bad_row_answers_the_good_rows(replica_cls, tiny_llava_dir):
-    # The batch body as @serve.batch calls it (the batching wrapper itself needs a Serve replica).
-    rep = replica_cls({"model_uri": str(tiny_llava_dir)})
+def test_concurrent_requests_share_steps_and_a_bad_one_fails_alone(replica_cls, tiny_llava_dir):
     items = [
-        _item("what colour"),
+        _item("what colour", max_new_tokens=12),
         _item("red " * 1100),  # over the tiny model's 1024-token context
         _item("how many", temperature=0.8, seed=3),
         _item("how many", max_new_tokens=2),
     ]
-    good1, bad, sampled, short = rep._run_batch(rep.bundle, items)
+
+    async def scenario():
+        rep = replica_cls({"model_uri": str(tiny_llava_dir)})
+        try:
+            return await asyncio.gather(*(rep.generate(i) for i in items))
+        finally:
+            rep.bundle.engine.close()
+
+    good, bad, sampled, short = asyncio.run(scenario())
     assert bad["error"]["code"] == "context_length_exceeded" and bad["error"]["status"] == 400
-    for out in (good1, sampled, short):
+    for out in (good, sampled, short):
         assert out["result"]["finish_reason"] in ("stop", "length")
     assert short["result"]["completion_tokens"] <= 2
-    # Greedy rows share one generate call; the seeded sampled row gets its own.
-    assert good1["batch_size"] == 2 and sampled["batch_size"] == 1
+    # Greedy and sampled rows decode in the same steps (per-row sampling in the engine).
+    assert good["batch_size"] > 1 and sampled["batch_size"] > 1
+
+
+def test_reload_mid_request_finishes_on_the_old_model(replica_cls, tiny_llava_dir):
+    async def scenario():
+        rep = replica_cls({"model_uri": str(tiny_llava_dir)})
+        old_engine = rep.bundle.engine
+        stream = rep.stream(_item("describe it", max_new_tokens=120))
+        start = await stream.__anext__()
+        first_delta = await stream.__anext__()
+        swapped = await rep.reload(None, force=True)
+        rest = [ev async for ev in stream]
+        after = await rep.generate(_item("what colour"))
+        rep.bundle.engine.close()
+        old_engine.close(timeout=30)
+        return start, first_delta, swapped, rest, after, old_engine
+
+    start, first_delta, swapped, rest, after, old_engine = asyncio.run(scenario())
+    assert swapped["changed"] and swapped["previous"] == start["version"]
+    assert "delta" in first_delta and rest[-1]["finish_reason"] in ("stop", "length")
+    assert not any("error" in ev for ev in rest)
+    assert "result" in after
+    assert old_engine.load == 0
 
 
 def test_watch_swaps_when_the_model_content_changes(replica_cls, tiny_llava_dir, tmp_path):

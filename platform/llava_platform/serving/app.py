@@ -1,4 +1,4 @@
-"""The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of the model deployment.
+"""The Ray Serve application: one deployment whose replicas serve the OpenAI-compatible API and hold the model.
 
 Import path for Serve config files and KubeRay `serveConfigV2`:
 
@@ -7,9 +7,13 @@ Import path for Serve config files and KubeRay `serveConfigV2`:
         import_path: llava_platform.serving.app:build_app
         args: {model_uri: "models:/llava@champion", auth: {api_key_env: LLAVA_API_KEY}}
 
-The ingress does everything that needs no weights (auth, JSON and schema validation, image
-decoding and limits) so bad input never reaches the model replica; the model replica checks what
-needs the tokenizer (context length) and runs batched generation.
+Each replica checks everything that needs no weights first (auth, JSON and schema validation,
+image decoding and limits), so bad input never reaches the model; then the replica's
+`ModelRuntime` checks what needs the tokenizer (context length) and generates with continuous
+batching. API and model share the replica because a separate ingress deployment costs a second
+actor hop per request (serialising the decoded images); it measured slower on CPU at every
+concurrency (benchmarks/README.md, Serving). Back-pressure is Serve's: `max_ongoing_requests`
+per replica, `max_queued_requests` at each proxy, beyond that 503 with `Retry-After`.
 """
 
 
@@ -23,15 +27,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_platform.serving.auth import check_bearer, load_api_key
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 from llava_platform.serving.images import to_generation_messages
 from llava_platform.serving.metrics import ServingMetrics
-from llava_platform.serving.model import LlavaModel
+from llava_platform.serving.model import ModelRuntime
 from llava_platform.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -61,11 +63,6 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code)
 
 
-def _overloaded(retry_after_s: int) -> APIError:
-    return APIError(503, "server is overloaded; retry later", type="server_error", code="overloaded",
-                    headers={"Retry-After": str(retry_after_s)})
-
-
 def _model_error(err: dict[str, Any]) -> APIError:
     kind = "server_error" if err["status"] >= 500 else "invalid_request_error"
     return APIError(err["status"], err["message"], type=kind, param=err.get("param"), code=err.get("code"))
@@ -83,15 +80,17 @@ def _check_turns(req: ChatCompletionRequest) -> None:
                        code="invalid_messages")
 
 
-@serve.deployment(name="LlavaIngress")
+@serve.deployment(name="LlavaServer")
 @serve.ingress(api)
-class LlavaIngress:
-    def __init__(self, model: DeploymentHandle, args: dict[str, Any]):
+class LlavaServer:
+    def __init__(self, args: dict[str, Any]):
         self.cfg: ServeConfig = parse_serve_config(args)
-        self.model = model
         self.api_key = load_api_key(self.cfg.auth)  # fails the replica if auth is on but the key is missing
         self.metrics = ServingMetrics()
-        self.created = int(time.time())
+        self.model = ModelRuntime(self.cfg)
+
+    async def check_health(self) -> None:
+        await self.model.check_health()
 
     # ------------------------------------------------------------------------------------ probes
 
@@ -100,12 +99,10 @@ class LlavaIngress:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> JSONResponse:
-        try:
-            info = await asyncio.wait_for(self.model.info.remote(), timeout=5)
-        except Exception as err:  # not loaded yet, replica restarting, overloaded
-            return JSONResponse({"status": "not_ready", "reason": type(err).__name__}, status_code=503)
-        return JSONResponse({"status": "ready", "version": info["version"]})
+    async def readyz(self) -> dict[str, str]:
+        # A replica only takes traffic once __init__ has loaded the model; while none has, Serve's
+        # proxy answers 503 itself.
+        return {"status": "ready", "version": self.model.info()["version"]}
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
@@ -117,7 +114,7 @@ class LlavaIngress:
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         check_bearer(self.api_key, request.headers.get("authorization"))
-        info = await self._model_info()
+        info = self.model.info()
         return {"object": "list", "data": [{
             "id": self.cfg.served_model_name, "object": "model", "created": int(info["loaded_at"]),
             "owned_by": "llava-platform", "root": info["model_uri"], "version": info["version"],
@@ -135,7 +132,7 @@ class LlavaIngress:
             raise APIError(400, "reload body must be JSON, e.g. {\"model_uri\": \"models:/llava@champion\"}",
                            code="invalid_json") from None
         try:
-            return await self.model.reload.remote(uri, bool(body.get("force", False)))
+            return await self.model.reload(uri, bool(body.get("force", False)))
         except ValueError as err:  # ModelURIError from resolution
             raise APIError(400, f"cannot reload: {err}", param="model_uri", code="invalid_model_uri") from None
 
@@ -155,20 +152,12 @@ class LlavaIngress:
             return response
         except APIError as err:
             self.metrics.requests.labels(status=str(err.status), stream=str(stream)).inc()
-            if err.status == 503:
-                self.metrics.backpressure.inc()
             raise
         finally:
             self.metrics.in_flight.dec()
             self.metrics.latency.labels(stream=str(stream)).observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------------------------ helpers
-
-    async def _model_info(self) -> dict[str, Any]:
-        try:
-            return await self.model.info.remote()
-        except (BackPressureError, DeploymentUnavailableError):
-            raise _overloaded(self.cfg.retry_after_s) from None
 
     async def _body(self, request: Request) -> bytes:
         limit = self.cfg.limits.max_request_bytes
@@ -208,10 +197,7 @@ class LlavaIngress:
                 "top_p": req.top_p, "stop": stops, "seed": req.seed}
 
     async def _complete(self, req: ChatCompletionRequest, item: dict[str, Any]) -> JSONResponse:
-        try:
-            out = await self.model.generate.remote(item)
-        except (BackPressureError, DeploymentUnavailableError):
-            raise _overloaded(self.cfg.retry_after_s) from None
+        out = await self.model.generate(item)
         if "error" in out:
             raise _model_error(out["error"])
         res = out["result"]
@@ -223,11 +209,8 @@ class LlavaIngress:
         return JSONResponse(body)
 
     async def _stream(self, req: ChatCompletionRequest, item: dict[str, Any]) -> Response:
-        events = self.model.options(stream=True).stream.remote(item)
-        try:
-            first = await events.__anext__()
-        except (BackPressureError, DeploymentUnavailableError):
-            raise _overloaded(self.cfg.retry_after_s) from None
+        events = self.model.stream(item)
+        first = await events.__anext__()
         if "error" in first:  # rejected before any text: a plain 4xx, not a broken stream
             raise _model_error(first["error"])
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -257,35 +240,25 @@ class LlavaIngress:
                         final["usage"] = usage(ev["prompt_tokens"], ev["completion_tokens"])
                         yield sse(final)
         finally:
-            events.cancel()  # client disconnected or done: stop the replica's generation
+            await events.aclose()  # client disconnected or done: the row leaves the running batch
         yield sse("[DONE]")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder: `args` is a ServeConfig mapping (at least `model_uri`)."""
     cfg = parse_serve_config(args)
-    plain = cfg.model_dump(mode="json")
     m = cfg.model
-    model_opts: dict[str, Any] = {
+    opts: dict[str, Any] = {
         "max_ongoing_requests": m.max_ongoing_requests,
         "max_queued_requests": m.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
         "ray_actor_options": m.resources.ray_actor_options(),
         "health_check_period_s": m.health_check_period_s,
         "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
         "logging_config": {"enable_access_log": cfg.access_log},
     }
     if m.autoscaling is not None:
-        model_opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
+        opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
     else:
-        model_opts["num_replicas"] = m.num_replicas
-    model = LlavaModel.options(**model_opts).bind(plain)
-    i = cfg.ingress
-    ingress = LlavaIngress.options(
-        num_replicas=i.num_replicas,
-        max_ongoing_requests=i.max_ongoing_requests,
-        max_queued_requests=i.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
-        ray_actor_options=i.resources.ray_actor_options(),
-        logging_config={"enable_access_log": cfg.access_log},
-    )
-    return ingress.bind(model, plain)
+        opts["num_replicas"] = m.num_replicas
+    return LlavaServer.options(**opts).bind(cfg.model_dump(mode="json"))

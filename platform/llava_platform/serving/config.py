@@ -43,7 +43,7 @@ class Autoscaling(StrictModel):
 
 
 class ModelDeployment(StrictModel):
-    """The replica that holds the weights and runs batched generation."""
+    """The serving deployment's replicas: each serves the HTTP API and holds the weights."""
 
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
@@ -51,11 +51,11 @@ class ModelDeployment(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
-    # Dynamic batching (serving/batching.py): a batch closes once it holds as many requests as the
-    # replica recently had in flight (at most max_batch_size), so at a steady load it rarely waits
-    # the timeout; batch_wait_timeout_s bounds the wait when fewer requests come than expected.
+    # Continuous batching (llava.infer.engine): at most max_batch_size requests decode together;
+    # a request joins the running batch at the next step and leaves as soon as it is finished.
     max_batch_size: int = Field(32, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5)
+    # While rows are decoding, a lone arrival waits up to this long for others to share its prefill.
+    admit_wait_s: float = Field(0.02, ge=0, le=1)
     # Back-pressure: at most max_ongoing_requests in a replica, max_queued_requests waiting at each
     # caller; beyond that the caller gets BackPressureError and the client a 503 + Retry-After.
     max_ongoing_requests: int = Field(32, ge=1)
@@ -68,17 +68,8 @@ class ModelDeployment(StrictModel):
     @model_validator(mode="after")
     def _batch_fits(self) -> ModelDeployment:
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches can never fill")
+            raise ValueError("max_ongoing_requests must be >= max_batch_size, or the batch can never fill")
         return self
-
-
-class IngressDeployment(StrictModel):
-    """The HTTP front: parsing, validation, image decoding, auth, metrics; no model weights."""
-
-    num_replicas: int = Field(1, ge=1)
-    resources: ActorResources = ActorResources(num_cpus=0.0)
-    max_ongoing_requests: int = Field(256, ge=1)
-    max_queued_requests: int = Field(512, ge=1)
 
 
 class Limits(StrictModel):
@@ -118,7 +109,6 @@ class ServeConfig(StrictModel):
     limits: Limits = Limits()
     auth: Auth = Auth()
     model: ModelDeployment = ModelDeployment()
-    ingress: IngressDeployment = IngressDeployment()
 
 
 def parse_serve_config(args: dict[str, Any] | ServeConfig) -> ServeConfig:

@@ -29,15 +29,13 @@ class ServingMetrics:
         self.prompt_tokens = Counter("llava_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.completion_tokens = Counter("llava_completion_tokens", "Completion tokens generated",
                                          registry=self.registry)
-        self.batch_size = Histogram("llava_batch_size", "Rows in the generate call that served a request",
+        self.batch_size = Histogram("llava_batch_size", "Mean rows per decode step while a request was decoding",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.generate_seconds = Histogram(
-            "llava_generate_seconds", "Duration of the generate call (whole batch) that served a request",
+            "llava_generate_seconds", "Time from handing a request to the engine to its last token",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
         )
-        self.backpressure = Counter("llava_backpressure_rejections", "Requests refused with 503 on overload",
-                                    registry=self.registry)
-        self.in_flight = Gauge("llava_requests_in_flight", "Requests being handled by this ingress replica",
+        self.in_flight = Gauge("llava_requests_in_flight", "Requests being handled by this replica",
                                registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:

@@ -1,13 +1,15 @@
-"""The model deployment: holds the weights, batches concurrent requests, streams, and hot-swaps models.
+"""The model side of a serving replica: holds the weights, runs continuous batching, streams, hot-swaps.
 
-Requests arrive through a DeploymentHandle from the ingress, already validated and with images
-decoded. Generation runs in a worker thread so the replica's event loop keeps answering health
-checks and queueing requests into the next batch. One lock serialises compute on the replica: a
-batch and a stream never fight for the same cores.
+`ModelRuntime` lives inside the Serve replica (`serving.app.LlavaServer`) next to the HTTP API, so a
+request costs no second actor hop. Requests arrive already validated, with images decoded. Each
+request's prompt is rendered and encoded in a worker thread (so it overlaps the
+decode steps running for others), checked against the context length, then handed to the model's
+engine (`llava.infer.engine`): a thread that owns the model and runs decode steps, letting new
+requests join the running batch at the next step and finished ones leave at once.
 
-Reload: the new model is loaded next to the old one (outside the lock), then a single attribute
-assignment swaps the (model, processor, version) bundle. A batch already running keeps the bundle
-it started with, so requests in flight finish on the old model and none fail.
+Reload: the new model and its engine are loaded next to the old ones, then a single attribute
+assignment swaps the (model, processor, engine, version) bundle. The old engine finishes the
+requests it holds and then stops, so requests in flight complete on the old model and none fail.
 """
 
 from __future__ import annotations
@@ -16,29 +18,28 @@ import asyncio
 import hashlib
 import logging
 import os
-import threading
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray import serve
-
-from llava_platform.serving.batching import AdaptiveBatcher
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 
 log = logging.getLogger("llava.serving")
+
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     model: Any
     processor: Any
+    engine: Any  # llava.infer.engine engine bound to `model`
     model_dir: str
     version: str
     context_length: int
-    image_tokens: int
     loaded_at: float
 
 
@@ -59,63 +60,58 @@ def model_version(model_dir: Path) -> str:
 
 
 def load_model(model_dir: Path, cfg: ServeConfig) -> LoadedModel:
+    from llava.infer.engine import make_engine
     from llava.infer.generate import context_length
     from llava.infer.load import load_for_inference
 
     model, processor = load_for_inference(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
-    return LoadedModel(model, processor, str(model_dir), model_version(model_dir), context_length(model),
-                       int(getattr(model.config, "image_seq_length", 0) or 0), time.time())
+    engine = make_engine(model, processor, max_rows=cfg.model.max_batch_size, admit_wait_s=cfg.model.admit_wait_s,
+                         image_mode=cfg.image_mode)
+    return LoadedModel(model, processor, engine, str(model_dir), model_version(model_dir), context_length(model),
+                       time.time())
 
 
-def _check_request(bundle: LoadedModel, item: dict[str, Any], image_mode: str) -> tuple[Any, dict[str, Any] | None]:
-    """Render and count the prompt: (prompt, None), or (None, error dict: OpenAI shape + status)."""
-    from llava.infer.generate import PromptError, render_prompt
+def _error(status: int, message: str, code: str, param: str | None = "messages") -> dict[str, Any]:
+    return {"status": status, "message": message, "param": param, "code": code}
+
+
+def _prepare(bundle: LoadedModel, item: dict[str, Any], image_mode: str) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Render and encode the prompt: (prompt, encoded, None), or (None, None, error: OpenAI shape + status)."""
+    from llava.infer.generate import PromptError, encode_prompts, render_prompt
 
     try:
         prompt = render_prompt(bundle.processor, item["messages"], image_mode=image_mode)
     except PromptError as err:
-        return None, {"status": 400, "message": str(err), "param": "messages", "code": "invalid_messages"}
-    image_token = getattr(bundle.processor, "image_token", "<image>")
-    # Text tokens plus each placeholder's expansion: cheaper than running the image processor twice.
-    n_text = len(bundle.processor.tokenizer(prompt.text)["input_ids"])
-    n_prompt = n_text + len(prompt.images) * max(bundle.image_tokens - 1, 0)
-    if prompt.text.count(image_token) != len(prompt.images):
-        return None, {"status": 400, "message": "image placeholder mismatch", "param": "messages",
-                      "code": "invalid_messages"}
+        return None, None, _error(400, str(err), "invalid_messages")
+    encoded = encode_prompts(bundle.processor, [prompt])
+    n_prompt = int(encoded["input_ids"].shape[1])
     if n_prompt + item["max_new_tokens"] > bundle.context_length:
-        return None, {
-            "status": 400,
-            "message": (f"this model's maximum context length is {bundle.context_length} tokens; the prompt has "
-                        f"{n_prompt} tokens and max_tokens is {item['max_new_tokens']}"),
-            "param": "messages",
-            "code": "context_length_exceeded",
-        }
-    return prompt, None
+        return None, None, _error(400, f"this model's maximum context length is {bundle.context_length} tokens; "
+                                       f"the prompt has {n_prompt} tokens and max_tokens is {item['max_new_tokens']}",
+                                  "context_length_exceeded")
+    return prompt, encoded, None
 
 
-def _group_key(item: dict[str, Any]) -> tuple:
-    # Rows of one generate call share sampling settings; greedy rows all batch together, and a
-    # seeded request runs in its own group so its seed alone decides its sample.
-    if item["temperature"] <= 0:
-        return ("greedy",)
-    return ("sample", item["temperature"], item["top_p"], item["seed"], id(item) if item["seed"] is not None else 0)
+def _failure(err: BaseException) -> dict[str, Any]:
+    return _error(500, f"generation failed: {type(err).__name__}", "generation_failed", param=None)
 
 
-@serve.deployment(name="LlavaModel")
-class LlavaModel:
-    def __init__(self, args: dict[str, Any]):
+class ModelRuntime:
+    def __init__(self, args: dict[str, Any] | ServeConfig):
         self.cfg = parse_serve_config(args)
+        # The engine thread and the replica's event loop share the GIL. With Python's default 5 ms
+        # switch interval, each time the event loop needs the GIL (a request arriving, a response
+        # leaving) it waits up to 5 ms behind the busy engine thread; 0.5 ms keeps HTTP latency low
+        # at the cost of a few more switches (measured in benchmarks/README.md, Serving).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         if self.cfg.model.torch_threads:
             import torch
 
             torch.set_num_threads(self.cfg.model.torch_threads)
         self.model_uri = self.cfg.model_uri
-        self._compute = threading.Lock()
         self._reload_lock = asyncio.Lock()
         self._last_watch = time.monotonic()
         self.bundle = load_model(resolve_model(self.model_uri, self.cfg), self.cfg)
-        self.batcher = AdaptiveBatcher(self._run_batch_async, max_batch_size=self.cfg.model.max_batch_size,
-                                       wait_s=self.cfg.model.batch_wait_timeout_s)
         log.info("loaded model %s version %s", self.bundle.model_dir, self.bundle.version)
 
     # ------------------------------------------------------------------------------------ status
@@ -126,7 +122,7 @@ class LlavaModel:
                 "context_length": b.context_length, "loaded_at": b.loaded_at, "pid": os.getpid()}
 
     async def check_health(self) -> None:
-        # Serve calls this periodically on every replica: a natural clock for the alias watch.
+        # The replica's health check calls this periodically: a natural clock for the alias watch.
         interval = self.cfg.model.watch_interval_s
         if interval > 0 and time.monotonic() - self._last_watch >= interval and not self._reload_lock.locked():
             self._last_watch = time.monotonic()
@@ -144,107 +140,84 @@ class LlavaModel:
         """Re-resolve `model_uri` (default: the current one); load and swap if its content changed."""
         async with self._reload_lock:
             uri = model_uri or self.model_uri
-            previous = self.bundle.version
+            previous = self.bundle
             model_dir = await asyncio.to_thread(resolve_model, uri, self.cfg)
-            if not force and uri == self.model_uri and model_version(model_dir) == previous:
-                return {"changed": False, "previous": previous, **self.info()}
+            if not force and uri == self.model_uri and model_version(model_dir) == previous.version:
+                return {"changed": False, "previous": previous.version, **self.info()}
             bundle = await asyncio.to_thread(load_model, model_dir, self.cfg)
-            self.bundle, self.model_uri = bundle, uri  # the atomic swap; running batches keep theirs
-            log.info("switched model %s -> %s (%s)", previous, bundle.version, model_dir)
-            return {"changed": True, "previous": previous, **self.info()}
+            self.bundle, self.model_uri = bundle, uri  # the atomic swap; requests already submitted keep theirs
+            # The old engine answers what it holds, then its thread ends and the old weights can go.
+            asyncio.get_running_loop().create_task(asyncio.to_thread(previous.engine.close))
+            log.info("switched model %s -> %s (%s)", previous.version, bundle.version, model_dir)
+            return {"changed": True, "previous": previous.version, **self.info()}
 
     # ------------------------------------------------------------------------------------ generation
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
-        """One request -> {"result": ..., "version": ...} or {"error": {...}}; batched with its neighbours."""
-        return await self.batcher.submit(item)
-
-    async def _run_batch_async(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        bundle = self.bundle  # taken before the thread hop: a reload during the batch does not affect it
-        return await asyncio.to_thread(self._run_batch, bundle, items)
-
-    def _run_batch(self, bundle: LoadedModel, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from llava.infer.generate import generate_batch
-
-        out: list[dict[str, Any] | None] = [None] * len(items)
-        prompts: list[Any] = [None] * len(items)
-        groups: dict[tuple, list[int]] = {}
-        for i, item in enumerate(items):
-            prompts[i], error = _check_request(bundle, item, self.cfg.image_mode)
-            if error is not None:
-                out[i] = {"error": error}
-            else:
-                groups.setdefault(_group_key(item), []).append(i)
-        for rows in groups.values():
-            first = items[rows[0]]
-            reqs = [{"messages": items[i]["messages"], "max_new_tokens": items[i]["max_new_tokens"],
-                     "stop": items[i]["stop"]} for i in rows]
-            try:
-                with self._compute:
-                    started = time.perf_counter()
-                    results = generate_batch(
-                        bundle.model, bundle.processor, reqs, max_new_tokens=first["max_new_tokens"],
-                        temperature=first["temperature"], top_p=first["top_p"], stop=None, seed=first["seed"],
-                        image_mode=self.cfg.image_mode, prompts=[prompts[i] for i in rows],
-                    )
-            except Exception as err:  # one bad group must not fail the other rows of the batch
-                log.exception("generation failed")
-                for i in rows:
-                    out[i] = {"error": {"status": 500, "message": f"generation failed: {type(err).__name__}",
-                                        "param": None, "code": "generation_failed"}}
-                continue
-            for i, res in zip(rows, results, strict=True):
-                out[i] = {"result": res.__dict__, "version": bundle.version, "batch_size": len(rows),
-                          "compute_s": time.perf_counter() - started}
-        return out  # type: ignore[return-value]
+        """One request -> {"result": ..., "version": ..., "batch_size", "compute_s"} or {"error": {...}}."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        submitted = await self._submit(item, on_done=lambda res: loop.call_soon_threadsafe(_settle, done, res))
+        if "error" in submitted:
+            return submitted
+        req, bundle, started = submitted["request"], submitted["bundle"], time.perf_counter()
+        try:
+            res = await done
+        finally:
+            req.cancel()  # a no-op once answered; otherwise the caller went away and the row can leave
+        if isinstance(res, BaseException):
+            return {"error": _failure(res)}
+        return {"result": res.__dict__, "version": bundle.version, "batch_size": req.rows_seen / max(req.steps, 1),
+                "compute_s": time.perf_counter() - started}
 
     async def stream(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Events {"delta"} ... {"finish_reason", counts}; or a single {"error"} before any text."""
-        bundle = self.bundle
-        _, error = await asyncio.to_thread(_check_request, bundle, item, self.cfg.image_mode)
-        if error is not None:
-            yield {"error": error}
-            return
-        yield {"start": True, "version": bundle.version}
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
+        """Events {"start"}, {"delta"} ... {"finish_reason", counts}; or a single {"error"} before any text."""
         loop = asyncio.get_running_loop()
-        worker = threading.Thread(target=self._stream_worker, args=(bundle, item, queue, loop, stop), daemon=True)
-        worker.start()
+        events: asyncio.Queue = asyncio.Queue()
+        submitted = await self._submit(
+            item,
+            on_done=lambda res: loop.call_soon_threadsafe(events.put_nowait, res),
+            on_text=lambda delta: loop.call_soon_threadsafe(events.put_nowait, delta),
+        )
+        if "error" in submitted:
+            yield submitted
+            return
+        req = submitted["request"]
         try:
+            yield {"start": True, "version": submitted["bundle"].version}
             while True:
-                event = await queue.get()
-                if event is None:
-                    break
-                yield event
+                event = await events.get()
+                if isinstance(event, str):
+                    yield {"delta": event, "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0}
+                elif isinstance(event, BaseException):
+                    yield {"error": _failure(event)}
+                    return
+                else:
+                    yield {"delta": "", "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+                           "completion_tokens": event.completion_tokens}
+                    return
         finally:
-            stop.set()  # client gone or finished: the worker closes the generator, which cancels generation
+            req.cancel()  # client gone or finished: the row leaves the batch at the next step
 
-    def _stream_worker(self, bundle: LoadedModel, item: dict[str, Any], queue: asyncio.Queue,
-                       loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
-        from llava.infer.generate import stream_generate
+    async def _submit(self, item: dict[str, Any], **callbacks: Any) -> dict[str, Any]:
+        """Prepare the request against the current bundle and hand it to that bundle's engine."""
+        from llava.infer.engine import DecodeRequest, EngineClosed
 
-        def put(event: dict[str, Any] | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        while True:
+            bundle = self.bundle
+            prompt, encoded, error = await asyncio.to_thread(_prepare, bundle, item, self.cfg.image_mode)
+            if error is not None:
+                return {"error": error}
+            req = DecodeRequest(prompt=prompt, encoded=encoded, max_new_tokens=item["max_new_tokens"],
+                                stops=item["stop"], temperature=item["temperature"], top_p=item["top_p"],
+                                seed=item["seed"], **callbacks)
+            try:
+                bundle.engine.submit(req)
+            except EngineClosed:  # a reload swapped the model while this request was being prepared
+                continue
+            return {"request": req, "bundle": bundle}
 
-        try:
-            with self._compute:
-                events = stream_generate(
-                    bundle.model, bundle.processor, {"messages": item["messages"]},
-                    max_new_tokens=item["max_new_tokens"], temperature=item["temperature"], top_p=item["top_p"],
-                    stop=item["stop"], seed=item["seed"], image_mode=self.cfg.image_mode,
-                )
-                try:
-                    for ev in events:
-                        if stop.is_set():
-                            break
-                        put({"delta": ev.delta, "finish_reason": ev.finish_reason,
-                             "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens})
-                finally:
-                    events.close()
-        except Exception as err:
-            log.exception("streaming generation failed")
-            put({"error": {"status": 500, "message": f"generation failed: {type(err).__name__}", "param": None,
-                           "code": "generation_failed"}})
-        finally:
-            put(None)
+
+def _settle(fut: asyncio.Future, result: Any) -> None:
+    if not fut.done():  # the awaiting caller may have been cancelled meanwhile
+        fut.set_result(result)

@@ -1,0 +1,432 @@
+"""Continuous batching for a llava-hf model: requests join the running batch at the next decode step.
+
+Batching whole requests (collect N, generate, answer N) leaves the model idle while answers travel
+back and the next requests arrive, and every row waits for the longest one. Here one thread owns
+the model and runs decode steps: before each step it prefills whatever arrived (as one left-padded
+batch) and splices those rows into the running KV cache; after each step, rows that finished
+(EOS, stop string, token budget, cancelled) leave at once and their callers get the answer. So the
+model is busy as long as anyone is waiting, and a short answer never waits for a long one.
+
+Row layout: all rows share one KV cache, left-padded to a common length; each row keeps its own
+attention mask and position counter, so padding never changes what a row sees (a test checks
+that a row's tokens equal those of decoding it alone). Columns that became padding for every row
+(after long rows left) are trimmed.
+
+Models whose generation config sets logit rules (repetition penalty and the like, see
+`generate.plain_greedy_ok`) are served by `SequentialEngine`: one request at a time through
+`model.generate`, which applies those rules exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from llava.infer.generate import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationResult,
+    PreparedPrompt,
+    _eos_ids,
+    _model_inputs,
+    _safe_prefix_len,
+    apply_stop,
+    generate_batch,
+    plain_greedy_ok,
+    stream_generate,
+)
+
+log = logging.getLogger("llava.infer")
+
+FINISH_CANCELLED = "cancelled"
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed (its model was swapped out); submit to the current one."""
+
+
+@dataclass(eq=False)
+class DecodeRequest:
+    """One request for an engine. Callbacks run on the engine thread and must not block.
+
+    `encoded` is the processor's output for this prompt alone (batch of one); `on_text` (optional)
+    receives text deltas as they become final (a possible stop-string prefix is held back);
+    `on_done` receives the `GenerationResult` or the exception that ended the request.
+    """
+
+    prompt: PreparedPrompt
+    encoded: Any
+    max_new_tokens: int
+    on_done: Callable[[GenerationResult | BaseException], None]
+    stops: list[str] = field(default_factory=list)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    on_text: Callable[[str], None] | None = None
+    cancelled: bool = False  # set from any thread; the row leaves at the next step without an answer
+    submitted: float = 0.0  # time.monotonic() when handed to the engine
+    steps: int = 0  # decode steps this request took part in
+    rows_seen: int = 0  # sum over those steps of the batch size: rows_seen / steps = mean batch
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.encoded["attention_mask"].sum())
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _EngineThread:
+    """The thread, queue and lifecycle shared by both engines; subclasses implement `_step`."""
+
+    def __init__(self, name: str):
+        self._pending: deque[DecodeRequest] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, request: DecodeRequest) -> None:
+        with self._wake:
+            if self._closing:
+                raise EngineClosed("engine is closed")
+            request.submitted = time.monotonic()
+            self._pending.append(request)
+            self._wake.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what was submitted, then stop the thread; later submits raise EngineClosed."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    @property
+    def load(self) -> int:
+        """Requests submitted and not yet answered."""
+        return len(self._pending) + self._active()
+
+    def _take_pending(self, limit: int) -> list[DecodeRequest]:
+        taken: list[DecodeRequest] = []
+        with self._wake:
+            while self._pending and len(taken) < limit:
+                req = self._pending.popleft()
+                if not req.cancelled:
+                    taken.append(req)
+        return taken
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._active() and not self._closing:
+                    self._wake.wait()
+                if self._closing and not self._pending and not self._active():
+                    return
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as err:  # the model failed: everyone in flight gets the error, the engine lives on
+                log.exception("decode step failed")
+                self._fail_all(err)
+
+    def _active(self) -> int:
+        raise NotImplementedError
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def _fail_all(self, err: BaseException) -> None:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class _Row:
+    req: DecodeRequest
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already streamed
+
+
+def _left_pad(t: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
+    """Pad dim 1 (sequence for masks) or dim 2 (sequence for [B, H, L, D] caches) on the left."""
+    dim = 1 if t.dim() == 2 else 2
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_full(shape, value), t], dim=dim)
+
+
+def _collate(encoded: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Single-prompt processor outputs -> one left-padded batch (what the processor would build)."""
+    width = max(int(e["input_ids"].shape[1]) for e in encoded)
+    batch = {
+        "input_ids": torch.cat([_left_pad(e["input_ids"], width, pad_id) for e in encoded]),
+        "attention_mask": torch.cat([_left_pad(e["attention_mask"], width, 0) for e in encoded]),
+    }
+    for key in encoded[0]:
+        if key not in batch:
+            parts = [e[key] for e in encoded if key in e]
+            batch[key] = torch.cat(parts)
+    return batch
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_p[(sorted_p.cumsum(0) - sorted_p) >= top_p] = 0
+        return int(order[torch.multinomial(sorted_p, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class ContinuousEngine(_EngineThread):
+    """Iteration-level batching over a shared, left-padded KV cache (see the module docstring)."""
+
+    def __init__(self, model: Any, processor: Any, *, max_rows: int = 32, admit_wait_s: float = 0.0):
+        if max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+        self.model = model
+        self.admit_wait_s = admit_wait_s
+        self.tokenizer = processor.tokenizer
+        self.max_rows = max_rows
+        self.eos = _eos_ids(model, processor)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos or {0}))
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._attn: torch.Tensor | None = None  # [B, L] 1 = real token
+        self._pos: torch.Tensor | None = None  # [B, 1] position of each row's last token
+        self._logits: torch.Tensor | None = None  # [B, V] next-token logits
+        self.batch_sizes: deque[int] = deque(maxlen=1024)  # rows per decode step, for metrics and tests
+        super().__init__("llava-decode")
+
+    def _active(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------------------------ one step
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        if self._admission_due():
+            fresh = self._take_pending(self.max_rows - len(self._rows))
+            if fresh:
+                self._admit(fresh)
+        if not self._rows:
+            return
+        tokens = self._choose_tokens()
+        self.batch_sizes.append(len(self._rows))
+        keep = [i for i, (row, token) in enumerate(zip(self._rows, tokens, strict=True)) if not self._advance(row, token)]
+        if len(keep) < len(self._rows):
+            self._select(keep)
+            tokens = [tokens[i] for i in keep]
+        if not self._rows:
+            return
+        assert self._attn is not None and self._pos is not None
+        self._attn = torch.cat([self._attn, self._attn.new_ones(len(self._rows), 1)], dim=1)
+        self._pos = self._pos + 1
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device).unsqueeze(1)
+        out = self.model(input_ids=ids, attention_mask=self._attn, position_ids=self._pos,
+                         past_key_values=self._cache, use_cache=True)
+        self._logits = out.logits[:, -1]
+
+    def _admission_due(self) -> bool:
+        """Whether to prefill the waiting requests now or let them gather for a few more steps.
+
+        A prefill is a whole extra forward (vision tower included), and its fixed cost is paid per
+        call, not per row: admitting each arrival on its own spent a quarter of the engine's time
+        on prefills at 8 concurrent clients. So while rows are decoding, arrivals are admitted once
+        they are as many as the rows running (or fill the batch), or the oldest has waited
+        `admit_wait_s`; with nothing running they go at once.
+        """
+        waiting = len(self._pending)
+        room = self.max_rows - len(self._rows)
+        if not waiting or not room:
+            return False
+        if not self._rows or waiting >= min(room, len(self._rows)):
+            return True
+        return time.monotonic() - self._pending[0].submitted >= self.admit_wait_s
+
+    def _admit(self, requests: list[DecodeRequest]) -> None:
+        """Prefill the new rows as one batch, then splice them into the running state."""
+        inputs = _model_inputs(self.model, _collate([r.encoded for r in requests], self.pad_id))
+        attn = inputs["attention_mask"]
+        positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows = [_Row(r, self._generator(r)) for r in requests]
+        if not self._rows:
+            self._rows, self._cache, self._attn = rows, cache, attn
+            self._pos, self._logits = positions[:, -1:], out.logits[:, -1]
+            return
+        assert self._cache is not None and self._attn is not None and self._pos is not None
+        assert self._logits is not None
+        width = max(self._attn.shape[1], attn.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+        self._attn = torch.cat([_left_pad(self._attn, width), _left_pad(attn, width)])
+        self._pos = torch.cat([self._pos, positions[:, -1:]])
+        self._logits = torch.cat([self._logits, out.logits[:, -1]])
+        self._rows.extend(rows)
+
+    @staticmethod
+    def _generator(req: DecodeRequest) -> torch.Generator | None:
+        if req.temperature <= 0:
+            return None
+        # One generator per row: a seeded request gets the same sample whatever it is batched with.
+        g = torch.Generator()
+        if req.seed is not None:
+            g.manual_seed(int(req.seed))
+        else:
+            g.seed()
+        return g
+
+    def _choose_tokens(self) -> list[int]:
+        assert self._logits is not None
+        tokens = self._logits.argmax(-1).tolist()
+        for i, row in enumerate(self._rows):
+            if row.generator is not None:
+                tokens[i] = _sample(self._logits[i], row.req.temperature, row.req.top_p, row.generator)
+        return tokens
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Append a token to a row; stream what became final; return True when the row is finished."""
+        req = row.req
+        req.steps += 1
+        req.rows_seen += len(self._rows)
+        row.generated.append(token)
+        n = len(row.generated)
+        reason = FINISH_STOP if token in self.eos else None
+        text = None
+        if req.stops or req.on_text is not None:
+            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+            cut, hit = apply_stop(text, req.stops)
+            if hit:
+                reason, text = FINISH_STOP, cut
+            if req.on_text is not None:
+                final = len(text) if (hit or reason or n >= req.max_new_tokens) else _safe_prefix_len(text, req.stops)
+                if final and text[final - 1] == "\ufffd" and not reason and n < req.max_new_tokens:
+                    final -= 1  # a multi-byte character split across tokens: wait for its other bytes
+                if final > row.sent:
+                    req.on_text(text[row.sent:final])
+                    row.sent = final
+        if reason is None and n >= req.max_new_tokens:
+            reason = FINISH_LENGTH
+        if reason is None:
+            return False
+        if text is None:
+            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        req.on_done(GenerationResult(text, req.prompt_tokens, n, reason))
+        return True
+
+    # ------------------------------------------------------------------------------------ state upkeep
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if not row.req.cancelled]
+        if len(keep) < len(self._rows):
+            self._select(keep)
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the rows `keep`, then trim the columns that are now padding in every row."""
+        if not keep:
+            self._rows, self._cache, self._attn, self._pos, self._logits = [], None, None, None, None
+            return
+        assert self._cache is not None and self._attn is not None and self._pos is not None
+        assert self._logits is not None
+        index = torch.tensor(keep, dtype=torch.long, device=self._attn.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._attn, self._pos, self._logits = self._attn[index], self._pos[index], self._logits[index]
+        lead = int((self._attn.cumsum(1) == 0).sum(1).min())
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, lead:]
+            layer.values = layer.values[index, :, lead:]
+        self._attn = self._attn[:, lead:]
+
+    def _fail_all(self, err: BaseException) -> None:
+        rows, self._rows = self._rows, []
+        self._cache, self._attn, self._pos, self._logits = None, None, None, None
+        for row in rows:
+            row.req.on_done(err)
+
+
+class SequentialEngine(_EngineThread):
+    """One request at a time through `model.generate`: for models with configured logit rules."""
+
+    def __init__(self, model: Any, processor: Any, *, image_mode: str = "pad"):
+        self.model = model
+        self.processor = processor
+        self.image_mode = image_mode
+        self._current: DecodeRequest | None = None
+        super().__init__("llava-generate")
+
+    def _active(self) -> int:
+        return int(self._current is not None)
+
+    def _step(self) -> None:
+        taken = self._take_pending(1)
+        if not taken:
+            return
+        req = self._current = taken[0]
+        try:
+            req.steps, req.rows_seen = 1, 1
+            if req.on_text is None:
+                result = generate_batch(self.model, self.processor, [{"messages": []}], prompts=[req.prompt],
+                                        max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                                        top_p=req.top_p, stop=req.stops, seed=req.seed)[0]
+            else:
+                result = self._stream(req)
+            if not req.cancelled:
+                req.on_done(result)
+        finally:
+            self._current = None
+
+    def _stream(self, req: DecodeRequest) -> GenerationResult:
+        assert req.on_text is not None
+        events = stream_generate(self.model, self.processor, {"messages": []}, prompt=req.prompt,
+                                 max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                                 stop=req.stops, seed=req.seed, image_mode=self.image_mode)
+        text = []
+        try:
+            for ev in events:
+                if req.cancelled:
+                    break
+                if ev.delta:
+                    text.append(ev.delta)
+                    req.on_text(ev.delta)
+                if ev.finish_reason is not None:
+                    return GenerationResult("".join(text), ev.prompt_tokens, ev.completion_tokens, ev.finish_reason)
+        finally:
+            events.close()
+        return GenerationResult("".join(text), req.prompt_tokens, 0, FINISH_CANCELLED)
+
+    def _fail_all(self, err: BaseException) -> None:
+        if self._current is not None:
+            self._current.on_done(err)
+            self._current = None
+
+
+def make_engine(model: Any, processor: Any, *, max_rows: int, admit_wait_s: float = 0.0,
+                image_mode: str = "pad") -> _EngineThread:
+    """The continuous engine when decoding is plain argmax/sampling, the sequential one otherwise."""
+    if plain_greedy_ok(model) and _full_attention(model):
+        return ContinuousEngine(model, processor, max_rows=max_rows, admit_wait_s=admit_wait_s)
+    log.info("model needs generate()'s logit rules or a sliding-window cache: serving one request at a time")
+    return SequentialEngine(model, processor, image_mode=image_mode)
+
+
+def _full_attention(model: Any) -> bool:
+    """Splicing caches assumes every layer keeps all positions (no sliding window)."""
+    cfg = model.config.get_text_config(decoder=True)
+    types = getattr(cfg, "layer_types", None) or []
+    return getattr(cfg, "sliding_window", None) is None and all(t == "full_attention" for t in types)

@@ -1,0 +1,252 @@
+"""The continuous-batching engine on the tiny llava-hf model: rows that join and leave a running batch
+answer exactly as they would alone; streaming, stop strings, cancellation, failures, closing."""
+
+from __future__ import annotations
+
+import copy
+import time
+from concurrent.futures import Future
+
+import pytest
+from PIL import Image
+
+from llava.infer.engine import ContinuousEngine, DecodeRequest, EngineClosed, SequentialEngine, make_engine
+from llava.infer.generate import GenerationResult, encode_prompts, generate_batch, render_prompt
+from llava.infer.load import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llava_dir):
+    return load_for_inference(str(tiny_llava_dir), device="cpu")
+
+
+def _messages(text: str, colour=None, size=(64, 40)) -> list[dict]:
+    content: list[dict] = [{"type": "text", "text": text}]
+    if colour is not None:
+        content.insert(0, {"type": "image", "image": Image.new("RGB", size, colour)})
+    return [{"role": "user", "content": content}]
+
+
+PROMPTS = [
+    _messages("What colour is the shape?", (200, 30, 30)),
+    _messages("how many circles are there"),
+    _messages("describe the picture in detail", (10, 200, 40), (32, 96)),
+    _messages("where is the blue square?", (20, 20, 220), (90, 30)),
+]
+
+
+def _request(processor, messages, budget: int, **kw) -> tuple[DecodeRequest, Future]:
+    done: Future = Future()
+    prompt = render_prompt(processor, messages)
+    req = DecodeRequest(prompt=prompt, encoded=encode_prompts(processor, [prompt]), max_new_tokens=budget,
+                        on_done=done.set_result, **kw)
+    return req, done
+
+
+def _alone(model, processor, messages, budget: int, **kw) -> GenerationResult:
+    return generate_batch(model, processor, [{"messages": messages}], max_new_tokens=budget, **kw)[0]
+
+
+def _wait_steps(engine: ContinuousEngine, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(engine.batch_sizes) < n:
+        assert time.monotonic() < deadline, "engine made no progress"
+        time.sleep(0.001)
+
+
+def test_rows_joining_and_leaving_answer_as_alone(tiny):
+    """Rows arrive while others decode (cache splicing with left padding) and leave at different
+    steps (row removal, column trimming); every row's tokens must equal decoding it alone."""
+    model, processor = tiny
+    budgets = [24, 6, 30, 12]
+    engine = ContinuousEngine(model, processor, max_rows=8)
+    try:
+        futures = []
+        for i, (messages, budget) in enumerate(zip(PROMPTS, budgets, strict=True)):
+            req, fut = _request(processor, messages, budget)
+            engine.submit(req)
+            futures.append(fut)
+            _wait_steps(engine, 4 * (i + 1))  # the next row joins a batch that is already decoding
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        engine.close()
+    expected = [_alone(model, processor, m, b) for m, b in zip(PROMPTS, budgets, strict=True)]
+    assert [r.text for r in results] == [e.text for e in expected]
+    assert [r.completion_tokens for r in results] == [e.completion_tokens for e in expected]
+    assert [r.prompt_tokens for r in results] == [e.prompt_tokens for e in expected]
+    assert [r.finish_reason for r in results] == [e.finish_reason for e in expected]
+    assert max(engine.batch_sizes) > 1, "the rows never shared a step"
+    assert engine.load == 0
+
+
+def test_max_rows_caps_the_batch_and_queues_the_rest(tiny):
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=2)
+    try:
+        pairs = [_request(processor, m, 8) for m in PROMPTS]
+        for req, _ in pairs:
+            engine.submit(req)
+        results = [fut.result(timeout=120) for _, fut in pairs]
+    finally:
+        engine.close()
+    assert max(engine.batch_sizes) == 2
+    assert [r.text for r in results] == [_alone(model, processor, m, 8).text for m in PROMPTS]
+
+
+def test_streaming_deltas_and_stop_strings(tiny):
+    model, processor = tiny
+    full = _alone(model, processor, PROMPTS[0], 20)
+    assert len(full.text) > 6, "need some text to pick a stop string from"
+    stop = full.text[3:6]
+    engine = ContinuousEngine(model, processor, max_rows=4)
+    try:
+        pieces: list[str] = []
+        streamed, s_done = _request(processor, PROMPTS[0], 20, on_text=pieces.append)
+        stopped, t_done = _request(processor, PROMPTS[0], 20, stops=[stop])
+        engine.submit(streamed)
+        engine.submit(stopped)
+        whole, cut = s_done.result(timeout=120), t_done.result(timeout=120)
+    finally:
+        engine.close()
+    assert "".join(pieces) == whole.text == full.text
+    assert len(pieces) > 1, "the answer came in one piece, not streamed"
+    assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason == "stop"
+    assert cut.completion_tokens < full.completion_tokens
+
+
+def test_seeded_sampling_ignores_neighbours(tiny):
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=8)
+    try:
+        alone, a_done = _request(processor, PROMPTS[1], 16, temperature=1.0, top_p=0.9, seed=7)
+        engine.submit(alone)
+        first = a_done.result(timeout=120)
+        crowd = [_request(processor, m, 16, temperature=1.0, seed=i) for i, m in enumerate(PROMPTS)]
+        again, b_done = _request(processor, PROMPTS[1], 16, temperature=1.0, top_p=0.9, seed=7)
+        for req, _ in crowd[:2]:
+            engine.submit(req)
+        engine.submit(again)
+        for req, _ in crowd[2:]:
+            engine.submit(req)
+        second = b_done.result(timeout=120)
+        for _, fut in crowd:
+            fut.result(timeout=120)
+    finally:
+        engine.close()
+    assert first.text == second.text
+
+
+def test_cancelled_row_leaves_and_others_finish(tiny):
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=8)
+    try:
+        doomed, d_done = _request(processor, PROMPTS[2], 200)
+        survivor, s_done = _request(processor, PROMPTS[0], 12)
+        engine.submit(doomed)
+        engine.submit(survivor)
+        _wait_steps(engine, 3)
+        doomed.cancel()
+        result = s_done.result(timeout=120)
+        deadline = time.monotonic() + 30
+        while engine.load and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.close()
+    assert result.text == _alone(model, processor, PROMPTS[0], 12).text
+    assert engine.load == 0 and not d_done.done(), "a cancelled request must leave without an answer"
+    assert doomed.steps < 200
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_lives_on(tiny):
+    model, processor = tiny
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device error")
+        return model(*args, **kwargs)
+
+    engine = ContinuousEngine(_CallThrough(model, flaky), processor, max_rows=4)  # the third forward fails
+    try:
+        req, fut = _request(processor, PROMPTS[0], 10)
+        engine.submit(req)
+        failed = fut.result(timeout=120)
+        req2, fut2 = _request(processor, PROMPTS[0], 10)
+        engine.submit(req2)
+        recovered = fut2.result(timeout=120)
+    finally:
+        engine.close()
+    assert isinstance(failed, RuntimeError) and "simulated" in str(failed)
+    assert recovered.text == _alone(model, processor, PROMPTS[0], 10).text
+
+
+class _CallThrough:
+    """A model stand-in whose call goes through `fn` and everything else to the real model."""
+
+    def __init__(self, model, fn):
+        self._model, self._fn = model, fn
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_close_drains_then_refuses(tiny):
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=4)
+    req, fut = _request(processor, PROMPTS[1], 8)
+    engine.submit(req)
+    engine.close(timeout=120)
+    assert isinstance(fut.result(timeout=0), GenerationResult), "in-flight work must finish on close"
+    with pytest.raises(EngineClosed):
+        engine.submit(_request(processor, PROMPTS[1], 8)[0])
+
+
+def test_models_with_logit_rules_get_the_sequential_engine(tiny):
+    model, processor = tiny
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 1.5
+    engine = make_engine(penalised, processor, max_rows=8)
+    try:
+        assert isinstance(engine, SequentialEngine)
+        pieces: list[str] = []
+        plain, p_done = _request(processor, PROMPTS[0], 12)
+        streamed, s_done = _request(processor, PROMPTS[0], 12, on_text=pieces.append)
+        engine.submit(plain)
+        engine.submit(streamed)
+        a, b = p_done.result(timeout=120), s_done.result(timeout=120)
+    finally:
+        engine.close()
+    expected = _alone(penalised, processor, PROMPTS[0], 12)
+    assert a.text == b.text == "".join(pieces) == expected.text
+    plain_engine = make_engine(model, processor, max_rows=8)
+    plain_engine.close()
+    assert isinstance(plain_engine, ContinuousEngine)
+
+
+def test_a_lone_arrival_waits_to_share_its_prefill(tiny):
+    """With rows decoding, one arrival waits (up to admit_wait_s) for others before its prefill;
+    as many arrivals as rows running are admitted at once."""
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=8, admit_wait_s=3600)
+    try:
+        running = [_request(processor, m, 150) for m in PROMPTS[:2]]
+        for req, _ in running:
+            engine.submit(req)
+        _wait_steps(engine, 3)
+        late, l_done = _request(processor, PROMPTS[2], 4)
+        engine.submit(late)
+        time.sleep(0.05)
+        assert engine.load == 3 and late.steps == 0, "a lone arrival joined at once"
+        pair = [_request(processor, m, 4) for m in PROMPTS[2:]]
+        for req, _ in pair:
+            engine.submit(req)
+        for _, fut in [*running, *pair, (late, l_done)]:
+            fut.result(timeout=120)
+    finally:
+        engine.close()
+    assert max(engine.batch_sizes) == 5, "three arrivals behind two running rows are admitted together"
+    assert l_done.result().text == _alone(model, processor, PROMPTS[2], 4).text
