@@ -175,18 +175,23 @@ def _export(engine, processor, cfg: TrainConfig, ctx: WorkerContext, zero_stage:
     return cfg.output
 
 
-def _step_metrics(losses, tokens, samples, pads, elapsed, engine, scheduler) -> dict[str, float]:
-    loss = torch.tensor([sum(losses) / len(losses), tokens, samples], dtype=torch.float64)
+def _step_metrics(losses: list[torch.Tensor], tokens: int, samples: int, pads: list[float], elapsed: float,
+                  engine, scheduler) -> dict[str, float]:
+    """The step's metrics, averaged/summed over ranks. Losses stay tensors until here: one host
+    read per step instead of one per micro-batch (each is a device sync on GPU)."""
+    loss = torch.stack([x.detach().double() for x in losses]).mean()
+    totals = torch.stack([loss, loss.new_tensor(tokens), loss.new_tensor(samples)])
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(loss)
-        loss[0] /= torch.distributed.get_world_size()
+        torch.distributed.all_reduce(totals)
+        totals[0] /= torch.distributed.get_world_size()
+    loss_mean, tokens_sum, samples_sum = totals.tolist()
     grad_norm = engine.get_global_grad_norm()
     return {
-        "loss": loss[0].item(),
+        "loss": loss_mean,
         "lr": scheduler.get_last_lr()[-1],
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "samples_per_s": loss[2].item() / elapsed,
-        "tokens_per_s": loss[1].item() / elapsed,
+        "samples_per_s": samples_sum / elapsed,
+        "tokens_per_s": tokens_sum / elapsed,
         "padding_fraction": sum(pads) / len(pads),
     }
 
@@ -231,9 +236,13 @@ def train_loop(config: dict) -> None:
               f"({plan.micro_batch} x {plan.accumulation} accumulation x {ctx.world_size} workers), "
               f"ZeRO-{cfg.distributed.zero_stage}, {precision}" + (f", resuming at step {start}" if start else ""))
     monitor = _system_metrics(ctx, start)
+    metrics_out = tracking.MetricBuffer(ctx.run_id) if ctx.lead and ctx.run_id else None
     try:
-        _run_steps(cfg, engine, scheduler, processor, samples, plan, ctx, start, per_epoch, total, precision)
+        _run_steps(cfg, engine, scheduler, processor, samples, plan, ctx, start, per_epoch, total, precision,
+                   metrics_out)
     finally:
+        if metrics_out is not None:
+            metrics_out.flush()  # also when a step failed: the steps before it are recorded
         if monitor is not None:
             # MLflow's monitor drops the pending sample on shutdown; publish a last one so that runs
             # shorter than the sampling interval still record their system metrics.
@@ -254,7 +263,7 @@ def _system_metrics(ctx: WorkerContext, start: int):
 
 
 def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ctx: WorkerContext, start: int,
-               per_epoch: int, total: int, precision: str) -> None:
+               per_epoch: int, total: int, precision: str, metrics_out: tracking.MetricBuffer | None) -> None:
     model = engine.module
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     pad_id = processor.tokenizer.pad_token_id
@@ -267,6 +276,9 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ct
         check_packable(samples, max_length=cfg.data.max_length, bos_token_id=bos_id)
         _say(ctx, f"stage {cfg.stage}: packing micro-batches into rows of {cfg.data.max_length} ({attn} attention)")
     t_start, orders = time.time(), {}
+    # A step's time runs from the end of the previous one: data selection, collation, logging and
+    # checkpoints all count, as they do in any throughput seen from outside the loop.
+    step_end = time.perf_counter()
     last = start
     for step in range(start, total):
         epoch, in_epoch = divmod(step, per_epoch)
@@ -275,7 +287,7 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ct
                                          group_by_modality_length=cfg.data.group_by_modality_length)}
         micros = micro_batches_for_rank(orders[epoch], in_epoch, global_batch=plan.global_batch,
                                         micro_batch=plan.micro_batch, rank=ctx.rank, world_size=ctx.world_size)
-        t0, losses, pads, tokens, n = time.time(), [], [], 0, 0
+        losses, pads, tokens, n = [], [], 0, 0
         for idx in micros:
             chosen = [samples[i].decoded() for i in idx]
             micro = build_micro_batch(chosen, packing=cfg.data.packing, pad_id=pad_id,
@@ -288,18 +300,22 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ct
             out = engine(**_to_device(micro.inputs, ctx.device, dtype))
             engine.backward(out.loss)
             engine.step()
-            losses.append(out.loss.item())
-        metrics = _step_metrics(losses, tokens, n, pads, time.time() - t0, engine, scheduler)
+            losses.append(out.loss.detach())
+        now = time.perf_counter()
+        metrics = _step_metrics(losses, tokens, n, pads, now - step_end, engine, scheduler)
+        step_end = now
         last = step + 1
         if ctx.lead:
             eta = (time.time() - t_start) / (last - start) * (total - last)
             print(f"stage {cfg.stage} step {last}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                   f"grad_norm {metrics['grad_norm']:.3f} {metrics['samples_per_s']:.1f} samples/s ETA {eta:.0f}s",
                   flush=True)
-            if ctx.run_id:
-                tracking.log_metrics(ctx.run_id, metrics, step=last, timestamp_ms=int(time.time() * 1000))
+            if metrics_out is not None:
+                metrics_out.add(metrics, step=last, timestamp_ms=int(time.time() * 1000))
         stopping = cfg.stop_after_steps is not None and last >= cfg.stop_after_steps
         if last % cfg.checkpoint.every_n_steps == 0 or last == total or stopping:
+            if metrics_out is not None:
+                metrics_out.flush()  # the steps a checkpoint covers are in MLflow before it registers
             _save_checkpoint(engine, ctx, Position(last, epoch, in_epoch + 1), {"step": last, **metrics})
         if stopping:
             _say(ctx, f"stage {cfg.stage}: stopping after step {last} as configured (stop_after_steps)")

@@ -7,6 +7,7 @@ Every job run carries `llava.pipeline_id` / `llava.phase` (from the environment 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,44 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
 def log_metrics(run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
     items = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if v is not None]
     MlflowClient().log_batch(run_id, metrics=items)
+
+
+class MetricBuffer:
+    """Per-step metrics held in memory and written to the run in one batch every `interval_s` seconds
+    (or `max_steps` steps), and whenever `flush` is called.
+
+    Why: a `log_batch` call is a store round trip (~6 ms of CPU on sqlite, a request on a tracking
+    server) that the training step would otherwise wait for at every step; the lead worker also
+    holds the other ranks at the next collective meanwhile. Every step keeps its own step number and
+    timestamp, so the recorded history is the same as with per-step logging. Callers flush before
+    each checkpoint and at the end (also on errors): a worker killed in between loses only steps that
+    come after its last checkpoint, which the restarted run trains, and logs, again.
+    """
+
+    MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+
+    def __init__(self, run_id: str, *, interval_s: float = 10.0, max_steps: int = 100):
+        self.run_id = run_id
+        self.interval_s = interval_s
+        self.max_steps = max_steps
+        self._pending: list[Metric] = []
+        self._steps = 0
+        self._last_flush = time.monotonic()
+
+    def add(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
+        self._pending.extend(Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if v is not None)
+        self._steps += 1
+        if self._steps >= self.max_steps or time.monotonic() - self._last_flush >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        client = MlflowClient() if self._pending else None
+        while self._pending:
+            # Dropped only once written: after a failed request the next flush retries the rest.
+            client.log_batch(self.run_id, metrics=self._pending[: self.MAX_BATCH])
+            del self._pending[: self.MAX_BATCH]
+        self._steps = 0
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
