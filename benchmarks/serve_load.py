@@ -141,6 +141,8 @@ def measure(model_dir: Path, args: argparse.Namespace) -> list[tuple[int, dict, 
     # overrides are the access log (one line per request, noise for a load test) and torch threads
     # (the same number as the baseline uses).
     model_cfg: dict = {"torch_threads": args.threads, "resources": {"num_cpus": args.threads}}
+    if args.eager:
+        model_cfg["compile_decode"] = False
     if args.admit_wait_s is not None:
         model_cfg["admit_wait_s"] = args.admit_wait_s
     if args.max_batch_size is not None:
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=None, help="default: the shipped config")
+    parser.add_argument("--eager", action="store_true", help="model.compile_decode=false (default: compiled)")
     parser.add_argument("--admit-wait-s", type=float, default=None, help="default: the shipped config")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, baseline and model replica alike")
     parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/serving rounds per level")

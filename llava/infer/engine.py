@@ -193,7 +193,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 class ContinuousEngine(_EngineThread):
     """Iteration-level batching over a shared, left-padded KV cache (see the module docstring)."""
 
-    def __init__(self, model: Any, processor: Any, *, max_rows: int = 32, admit_wait_s: float = 0.0):
+    def __init__(self, model: Any, processor: Any, *, max_rows: int = 32, admit_wait_s: float = 0.0,
+                 compile_decode: bool = False):
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         self.model = model
@@ -203,6 +204,9 @@ class ContinuousEngine(_EngineThread):
         self.eos = _eos_ids(model, processor)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos or {0}))
+        # Prefills run eagerly (they vary in shape and carry images); the decode step, which runs
+        # once per generated token, can be compiled.
+        self.decode_fn = compiled_decode_step(model, self.pad_id) if compile_decode else model
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._attn: torch.Tensor | None = None  # [B, L] 1 = real token
@@ -236,8 +240,8 @@ class ContinuousEngine(_EngineThread):
         self._attn = torch.cat([self._attn, self._attn.new_ones(len(self._rows), 1)], dim=1)
         self._pos = self._pos + 1
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device).unsqueeze(1)
-        out = self.model(input_ids=ids, attention_mask=self._attn, position_ids=self._pos,
-                         past_key_values=self._cache, use_cache=True)
+        out = self.decode_fn(input_ids=ids, attention_mask=self._attn, position_ids=self._pos,
+                             past_key_values=self._cache, use_cache=True)
         self._logits = out.logits[:, -1]
 
     def _admission_due(self) -> bool:
@@ -354,6 +358,9 @@ class ContinuousEngine(_EngineThread):
         self._attn = self._attn[:, lead:]
 
     def _fail_all(self, err: BaseException) -> None:
+        if self.decode_fn is not self.model:
+            log.warning("a compiled decode step failed; decoding eagerly from now on")
+            self.decode_fn = self.model
         rows, self._rows = self._rows, []
         self._cache, self._attn, self._pos, self._logits = None, None, None, None
         for row in rows:
@@ -416,11 +423,50 @@ class SequentialEngine(_EngineThread):
             self._current = None
 
 
-def make_engine(model: Any, processor: Any, *, max_rows: int, admit_wait_s: float = 0.0,
+def compiled_decode_step(model: Any, pad_id: int) -> Any:
+    """`torch.compile` of the model for one-token decode steps, compiled before the first request.
+
+    The step's Python overhead (dozens of small modules per layer) is most of a decode step for a
+    small model on CPU, and kernel-launch overhead on GPU; compiling roughly halves the step time
+    (benchmarks/README.md). The compiler specialises a batch of one row, so the warm-up compiles
+    both graphs, one row and several rows with left padding; any other batch size or cache length
+    reuses the dynamic graph. Where compiling fails (no C++ compiler for the CPU backend, an
+    unsupported model), decoding stays eager and the failure is logged.
+    """
+    started = time.perf_counter()
+    try:
+        fn = torch.compile(model, dynamic=True)
+        with torch.inference_mode():  # the grad mode is part of the compiled graph's guards
+            _warm_up(model, fn, pad_id)
+    except Exception as err:
+        log.warning("compiling the decode step failed, decoding eagerly: %s: %s", type(err).__name__, err)
+        return model
+    log.info("decode step compiled in %.1f s", time.perf_counter() - started)
+    return fn
+
+
+def _warm_up(model: Any, fn: Any, pad_id: int) -> None:
+    for rows in (1, 3):
+        # Shapes as the engine's steps have them: a fresh [rows, 1] token tensor, a cache length
+        # (11) that equals no other size, so the compiler assumes no accidental size equalities.
+        prompt = torch.full((rows, 11), pad_id, dtype=torch.long, device=model.device)
+        attn = torch.ones_like(prompt)
+        attn[1:, :2] = 0  # left padding in the multi-row batch, as real batches have
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        model(input_ids=prompt, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True)
+        attn = torch.cat([attn, attn.new_ones(rows, 1)], dim=1)
+        token = torch.full((rows, 1), pad_id, dtype=torch.long, device=model.device)
+        fn(input_ids=token, attention_mask=attn, position_ids=positions[:, -1:] + 1, past_key_values=cache,
+           use_cache=True)
+
+
+def make_engine(model: Any, processor: Any, *, max_rows: int, admit_wait_s: float = 0.0, compile_decode: bool = False,
                 image_mode: str = "pad") -> _EngineThread:
     """The continuous engine when decoding is plain argmax/sampling, the sequential one otherwise."""
     if plain_greedy_ok(model) and _full_attention(model):
-        return ContinuousEngine(model, processor, max_rows=max_rows, admit_wait_s=admit_wait_s)
+        return ContinuousEngine(model, processor, max_rows=max_rows, admit_wait_s=admit_wait_s,
+                                compile_decode=compile_decode)
     log.info("model needs generate()'s logit rules or a sliding-window cache: serving one request at a time")
     return SequentialEngine(model, processor, image_mode=image_mode)
 

@@ -8,7 +8,9 @@ import time
 from concurrent.futures import Future
 
 import pytest
+import torch._dynamo
 from PIL import Image
+from transformers import DynamicCache
 
 from llava.infer.engine import ContinuousEngine, DecodeRequest, EngineClosed, SequentialEngine, make_engine
 from llava.infer.generate import GenerationResult, encode_prompts, generate_batch, render_prompt
@@ -250,3 +252,40 @@ def test_a_lone_arrival_waits_to_share_its_prefill(tiny):
         engine.close()
     assert max(engine.batch_sizes) == 5, "three arrivals behind two running rows are admitted together"
     assert l_done.result().text == _alone(model, processor, PROMPTS[2], 4).text
+
+
+def test_compiled_decode_matches_eager_and_serves_any_batch(tiny):
+    from llava.infer.engine import compiled_decode_step
+
+    model, processor = tiny
+    torch._dynamo.reset()
+    engine = ContinuousEngine(model, processor, max_rows=8, compile_decode=True)
+    try:
+        assert engine.decode_fn is not model, "compiling fell back to eager on this machine"
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        # Rows join and leave: batch sizes 1..4 and growing cache lengths, none may recompile.
+        pairs = []
+        for i, messages in enumerate(PROMPTS):
+            pairs.append(_request(processor, messages, 6 + 4 * i))
+            engine.submit(pairs[-1][0])
+            _wait_steps(engine, 3 * (i + 1))
+        results = [fut.result(timeout=300) for _, fut in pairs]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a batch shape recompiled"
+    finally:
+        engine.close()
+    assert [r.completion_tokens for r in results] == [
+        _alone(model, processor, m, 6 + 4 * i).completion_tokens for i, m in enumerate(PROMPTS)]
+    # Same logits as the eager step (the compiler may reorder float sums, nothing more).
+    prompt = render_prompt(processor, PROMPTS[0])
+    inputs = encode_prompts(processor, [prompt])
+    with torch.inference_mode():
+        eager_cache, compiled_cache = DynamicCache(), DynamicCache()
+        model(**inputs, past_key_values=eager_cache, use_cache=True)
+        model(**inputs, past_key_values=compiled_cache, use_cache=True)
+        attn = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(1, 1)], dim=1)
+        pos = torch.tensor([[attn.shape[1] - 1]])
+        token = torch.tensor([[5]])
+        eager = model(input_ids=token, attention_mask=attn, position_ids=pos, past_key_values=eager_cache).logits
+        step = compiled_decode_step(model, 0)
+        compiled = step(input_ids=token, attention_mask=attn, position_ids=pos, past_key_values=compiled_cache).logits
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

@@ -54,7 +54,7 @@ def serve_app(ray_local, tiny_llava_dir, mlflow_sqlite, tmp_path_factory):
         "auth": {"api_key_file": str(key_file)},
         "limits": {"max_tokens": 256, "max_images": 2, "max_image_pixels": 4_000_000,
                    "max_request_bytes": 2_000_000},
-        "model": {"max_batch_size": 8, "max_ongoing_requests": 16,
+        "model": {"max_batch_size": 8, "compile_decode": False, "max_ongoing_requests": 16,
                   "max_queued_requests": 24, "resources": {"num_cpus": 1}},
         "retry_after_s": 2,
     }

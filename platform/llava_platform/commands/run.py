@@ -89,7 +89,8 @@ def run_main(args: argparse.Namespace) -> int:
 
         model_uri = f"models:/{summary['model_name']}@champion"
         print(f"[run] serving {model_uri} with Ray Serve", flush=True)
-        base_url = start_local(model_uri, port=args.port)
+        # One chat request follows: compiling the decode step would cost more than it saves.
+        base_url = start_local(model_uri, port=args.port, model={"compile_decode": False})
         image = _first_eval_image(workdir)
         question = "How many shapes are in the image?"
         answer = _chat_once(base_url, image)

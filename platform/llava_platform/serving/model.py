@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from typing import Any
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 
 log = logging.getLogger("llava.serving")
-
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -65,8 +62,9 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> LoadedModel:
     from llava.infer.load import load_for_inference
 
     model, processor = load_for_inference(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
-    engine = make_engine(model, processor, max_rows=cfg.model.max_batch_size, admit_wait_s=cfg.model.admit_wait_s,
-                         image_mode=cfg.image_mode)
+    m = cfg.model
+    engine = make_engine(model, processor, max_rows=m.max_batch_size, admit_wait_s=m.admit_wait_s,
+                         compile_decode=m.compile_decode, image_mode=cfg.image_mode)
     return LoadedModel(model, processor, engine, str(model_dir), model_version(model_dir), context_length(model),
                        time.time())
 
@@ -99,11 +97,6 @@ def _failure(err: BaseException) -> dict[str, Any]:
 class ModelRuntime:
     def __init__(self, args: dict[str, Any] | ServeConfig):
         self.cfg = parse_serve_config(args)
-        # The engine thread and the replica's event loop share the GIL. With Python's default 5 ms
-        # switch interval, each time the event loop needs the GIL (a request arriving, a response
-        # leaving) it waits up to 5 ms behind the busy engine thread; 0.5 ms keeps HTTP latency low
-        # at the cost of a few more switches (measured in benchmarks/README.md, Serving).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         if self.cfg.model.torch_threads:
             import torch
 
