@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_platform.serving.auth import check_bearer, load_api_key
 from llava_platform.serving.config import ServeConfig, parse_serve_config
-from llava_platform.serving.images import to_generation_messages
+from llava_platform.serving.images import RemotePolicy, to_generation_messages
 from llava_platform.serving.metrics import ServingMetrics
 from llava_platform.serving.model import ModelRuntime
 from llava_platform.serving.protocol import (
@@ -87,6 +87,8 @@ class LlavaServer:
         self.cfg: ServeConfig = parse_serve_config(args)
         self.api_key = load_api_key(self.cfg.auth)  # fails the replica if auth is on but the key is missing
         self.metrics = ServingMetrics()
+        self.remote = RemotePolicy(self.cfg.allow_remote_images, self.cfg.remote_image_timeout_s,
+                                   self.cfg.remote_image_private_hosts)
         self.model = ModelRuntime(self.cfg)
 
     async def check_health(self) -> None:
@@ -185,8 +187,7 @@ class LlavaServer:
         if len(stops) > limits.max_stop_sequences or any(not s for s in stops):
             raise APIError(400, f"stop must hold at most {limits.max_stop_sequences} non-empty strings",
                            param="stop", code="invalid_value")
-        decode = functools.partial(to_generation_messages, req, limits, allow_remote=self.cfg.allow_remote_images,
-                                   timeout_s=self.cfg.remote_image_timeout_s)
+        decode = functools.partial(to_generation_messages, req, limits, self.remote)
         # Large images and remote fetches go to a worker thread so other requests keep flowing; small
         # inline images decode in well under a millisecond, less than the thread hand-off costs.
         if raw_len > INLINE_DECODE_BYTES or self.cfg.allow_remote_images:

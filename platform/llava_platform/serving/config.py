@@ -107,6 +107,9 @@ class ServeConfig(StrictModel):
     image_mode: Literal["pad", "resize"] = "pad"
     allow_remote_images: bool = False
     remote_image_timeout_s: float = Field(10.0, gt=0)
+    # With remote images on, hosts that resolve to loopback, private, link-local (the cloud metadata
+    # service) or other non-public addresses are still refused unless this is set.
+    remote_image_private_hosts: bool = False
     mlflow_tracking_uri: str | None = None
     model_cache_dir: str | None = None
     retry_after_s: int = Field(1, ge=1)

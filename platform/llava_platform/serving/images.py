@@ -1,16 +1,21 @@
 """Turn the `image_url` parts of a request into PIL images, rejecting anything unsafe or unusable.
 
 `data:` URLs are always accepted; `http(s)` URLs only when the config allows remote images (an
-open fetcher would let any client make the server reach into its own network). Every failure is
-an `APIError` with a 4xx status naming the part that failed.
+open fetcher would let any client make the server reach into its own network), and even then not
+from hosts on non-public addresses unless that is allowed too. Every failure is an `APIError`
+with a 4xx status naming the part that failed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
+import socket
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
@@ -45,8 +50,41 @@ def decode_data_url(url: str, param: str, limits: Limits) -> bytes:
         raise APIError(400, f"{param}: image data is not valid base64", param=param, code="invalid_base64") from None
 
 
-def fetch_remote(url: str, param: str, limits: Limits, timeout_s: float) -> bytes:
+@dataclass(frozen=True)
+class RemotePolicy:
+    """Whether and how `http(s)` image URLs are fetched."""
+
+    allowed: bool = False
+    timeout_s: float = 10.0
+    private_hosts: bool = False
+
+
+def check_public_host(url: str, param: str) -> None:
+    """Refuse a URL whose host resolves to a non-public address (loopback, private, link-local...).
+
+    The check resolves the name itself; a host that answers differently to the fetch a moment
+    later (DNS rebinding) is not covered, which is why remote images stay off by default.
+    """
+    host = urlsplit(url).hostname
+    if not host:
+        raise APIError(400, f"{param}: image URL has no host", param=param, code="invalid_image_url")
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        raise APIError(400, f"{param}: cannot resolve the image host {host!r}", param=param,
+                       code="image_fetch_failed") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise APIError(400, f"{param}: image host {host!r} is not on a public network", param=param,
+                           code="image_host_forbidden")
+
+
+def fetch_remote(url: str, param: str, limits: Limits, policy: RemotePolicy) -> bytes:
     """Download with a hard byte cap (streamed, so a large body is cut off, not buffered)."""
+    if not policy.private_hosts:
+        check_public_host(url, param)
+    timeout_s = policy.timeout_s
     try:
         with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=False) as resp:
             if resp.status_code != 200:
@@ -64,14 +102,14 @@ def fetch_remote(url: str, param: str, limits: Limits, timeout_s: float) -> byte
                        code="image_fetch_failed") from None
 
 
-def load_image(url: str, param: str, limits: Limits, *, allow_remote: bool, timeout_s: float) -> Image.Image:
+def load_image(url: str, param: str, limits: Limits, remote: RemotePolicy) -> Image.Image:
     if url.startswith("data:"):
         raw = decode_data_url(url, param, limits)
     elif url.startswith(("http://", "https://")):
-        if not allow_remote:
+        if not remote.allowed:
             raise APIError(400, f"{param}: remote image URLs are disabled on this server; send a data: URL",
                            param=param, code="remote_images_disabled")
-        raw = fetch_remote(url, param, limits, timeout_s)
+        raw = fetch_remote(url, param, limits, remote)
     else:
         raise APIError(400, f"{param}: unsupported image URL scheme", param=param, code="invalid_image_url")
     try:
@@ -87,8 +125,8 @@ def load_image(url: str, param: str, limits: Limits, *, allow_remote: bool, time
                        code="image_too_large") from None
 
 
-def to_generation_messages(req: ChatCompletionRequest, limits: Limits, *, allow_remote: bool,
-                           timeout_s: float) -> list[dict[str, Any]]:
+def to_generation_messages(req: ChatCompletionRequest, limits: Limits,
+                           remote: RemotePolicy = RemotePolicy()) -> list[dict[str, Any]]:
     """OpenAI messages -> the `generate_batch` form, images decoded to PIL."""
     n_images = count_images(req)
     if n_images > limits.max_images:
@@ -108,7 +146,7 @@ def to_generation_messages(req: ChatCompletionRequest, limits: Limits, *, allow_
                 parts.append({"type": "text", "text": part.text})
             else:
                 param = f"messages.{i}.content.{j}.image_url"
-                image = load_image(part.image_url.url, param, limits, allow_remote=allow_remote, timeout_s=timeout_s)
+                image = load_image(part.image_url.url, param, limits, remote)
                 parts.append({"type": "image", "image": image})
         out.append({"role": msg.role, "content": parts})
     return out
