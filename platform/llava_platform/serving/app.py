@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llava_platform.serving import reload_broadcast
 from llava_platform.serving.auth import check_bearer, load_api_key
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 from llava_platform.serving.images import RemotePolicy, to_generation_messages
@@ -83,16 +84,30 @@ def _check_turns(req: ChatCompletionRequest) -> None:
 @serve.deployment(name="LlavaServer")
 @serve.ingress(api)
 class LlavaServer:
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, args: dict[str, Any], reload_token: str):
         self.cfg: ServeConfig = parse_serve_config(args)
         self.api_key = load_api_key(self.cfg.auth)  # fails the replica if auth is on but the key is missing
         self.metrics = ServingMetrics()
         self.remote = RemotePolicy(self.cfg.allow_remote_images, self.cfg.remote_image_timeout_s,
                                    self.cfg.remote_image_private_hosts)
-        self.model = ModelRuntime(self.cfg)
+        self.reload_token = reload_token
+        record = reload_broadcast.latest(reload_token)  # a replica started after a reload serves its model
+        self.applied_reload = record.id if record else None
+        runtime_cfg = self.cfg.model_copy(update={"model_uri": record.model_uri}) if record else self.cfg
+        self.model = ModelRuntime(runtime_cfg)
 
     async def check_health(self) -> None:
         await self.model.check_health()
+        record = await asyncio.to_thread(reload_broadcast.latest, self.reload_token)
+        if record is not None and record.id != self.applied_reload:
+            self.applied_reload = record.id
+            asyncio.get_running_loop().create_task(self._follow(record))
+
+    async def _follow(self, record: reload_broadcast.ReloadRecord) -> None:
+        try:
+            await self.model.reload(record.model_uri, record.force)
+        except Exception as err:  # the next health check must still run: keep the replica up on the old model
+            log.warning("following reload %s to %s failed: %s", record.id, record.model_uri, err)
 
     # ------------------------------------------------------------------------------------ probes
 
@@ -133,10 +148,17 @@ class LlavaServer:
         except json.JSONDecodeError:
             raise APIError(400, "reload body must be JSON, e.g. {\"model_uri\": \"models:/llava@champion\"}",
                            code="invalid_json") from None
+        force = bool(body.get("force", False))
         try:
-            return await self.model.reload(uri, bool(body.get("force", False)))
+            result = await self.model.reload(uri, force)
         except ValueError as err:  # ModelURIError from resolution
             raise APIError(400, f"cannot reload: {err}", param="model_uri", code="invalid_model_uri") from None
+        if result["changed"] or uri:
+            # The other replicas follow on their next health check.
+            record = reload_broadcast.ReloadRecord.new(self.model.model_uri, force)
+            self.applied_reload = record.id
+            await asyncio.to_thread(reload_broadcast.publish, self.reload_token, record)
+        return result | {"other_replicas_within_s": self.cfg.model.health_check_period_s}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -262,4 +284,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         opts["autoscaling_config"] = m.autoscaling.model_dump(exclude_none=True)
     else:
         opts["num_replicas"] = m.num_replicas
-    return LlavaServer.options(**opts).bind(cfg.model_dump(mode="json"))
+    return LlavaServer.options(**opts).bind(cfg.model_dump(mode="json"), reload_broadcast.new_token())
