@@ -284,12 +284,12 @@ class ContinuousEngine(_EngineThread):
         self._logits = torch.cat([self._logits, out.logits[:, -1]])
         self._rows.extend(rows)
 
-    @staticmethod
-    def _generator(req: DecodeRequest) -> torch.Generator | None:
+    def _generator(self, req: DecodeRequest) -> torch.Generator | None:
         if req.temperature <= 0:
             return None
         # One generator per row: a seeded request gets the same sample whatever it is batched with.
-        g = torch.Generator()
+        # It lives where the logits do (multinomial refuses a CPU generator for CUDA tensors).
+        g = torch.Generator(device=self.model.device)
         if req.seed is not None:
             g.manual_seed(int(req.seed))
         else:
