@@ -297,7 +297,8 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ct
             pads.append(micro.padding_fraction)
             tokens += micro.real_tokens
             n += len(chosen)
-            out = engine(**_to_device(micro.inputs, ctx.device, dtype))
+            # No KV cache in training: the forward would otherwise build one per layer for nothing.
+            out = engine(**_to_device(micro.inputs, ctx.device, dtype), use_cache=False)
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.detach())
