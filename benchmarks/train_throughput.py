@@ -10,9 +10,9 @@ batch, micro-batch, learning rate, schedule and torch thread count:
   - `loop`:    the real `jobs.train.run_training` on a local Ray (Ray Train + DeepSpeed), packing off;
   - `packed`:  the same with `data.packing=true`.
 Per-step figures of the project's loop are read back from its MLflow run (samples_per_s,
-tokens_per_s, padding_fraction, logged by rank 0); Trainer's come from a callback that times
-successive optimizer steps (data loading included, as in the loop) and counts the tokens its
-collator produced. The first `--warmup` steps of every run are left out. samples/s and tokens/s
+tokens_per_s, padding_fraction, logged by rank 0; a step's time runs from the end of the previous
+step, so data loading, metric logging and checkpoints count); Trainer's come from a callback that
+times successive optimizer steps (the same span) and counts the tokens its collator produced. The first `--warmup` steps of every run are left out. samples/s and tokens/s
 are totals over the measured steps divided by their total time; tokens are sample tokens (padding
 excluded); useful-token fraction = 1 - mean padding fraction of the micro-batches.
 
