@@ -114,6 +114,16 @@ class _EngineThread:
         """Requests submitted and not yet answered."""
         return len(self._pending) + self._active()
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet decoding."""
+        return len(self._pending)
+
+    @property
+    def decoding(self) -> int:
+        """Requests decoding now (rows of the running batch)."""
+        return self._active()
+
     def _take_pending(self, limit: int) -> list[DecodeRequest]:
         taken: list[DecodeRequest] = []
         with self._wake:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 
 import httpx
 import openai
@@ -65,6 +66,34 @@ def test_openai_client_streaming_matches_non_streaming(serve_app):
     assert finishes == [ref.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == ref.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == ref.usage.prompt_tokens
+
+
+def _gauge(app, name: str) -> float:
+    text = httpx.get(f"{app['url']}/metrics", timeout=10).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_disconnected_stream_leaves_the_running_batch(serve_app):
+    """The engine gauges show the stream's row while it decodes; closing the connection mid-stream
+    takes the row out of the batch well before its 256 tokens could have been decoded for nobody."""
+    messages = [{"role": "user", "content": "describe everything at length"}]
+    started = time.monotonic()
+    whole = _post(serve_app, _valid(messages, 256)).json()
+    full_s = time.monotonic() - started
+    assert whole["usage"]["completion_tokens"] == 256, "needs a prompt that decodes the whole budget"
+    body = _valid(messages, 256) | {"stream": True}
+    with httpx.stream("POST", f"{serve_app['url']}/v1/chat/completions", json=body, headers=_auth(serve_app),
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        next(line for line in lines if line.startswith("data: ") and '"content"' in line)
+        assert _gauge(serve_app, "llava_engine_decoding") == 1.0
+        closed = time.monotonic()
+    while _gauge(serve_app, "llava_engine_decoding") != 0.0:
+        assert time.monotonic() - closed < full_s / 2, "the disconnected stream kept decoding"
+        time.sleep(0.01)
+    assert _gauge(serve_app, "llava_engine_waiting") == 0.0
+    _still_healthy(serve_app)
 
 
 def test_raw_sse_framing_ends_with_done(serve_app):

@@ -123,6 +123,9 @@ class LlavaServer:
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
+        engine = self.model.bundle.engine
+        self.metrics.engine_decoding.set(engine.decoding)
+        self.metrics.engine_waiting.set(engine.waiting)
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 

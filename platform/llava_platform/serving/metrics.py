@@ -1,6 +1,6 @@
-"""Prometheus metrics of the ingress, served at `/metrics` in the text exposition format.
+"""Prometheus metrics of a serving replica, served at `/metrics` in the text exposition format.
 
-Each ingress replica has its own registry; with several replicas, scrape them as pods (the Helm
+Each replica has its own registry; with several replicas, scrape them as pods (the Helm
 chart's PodMonitor) rather than through the load-balanced route. Ray Serve's built-in request and
 latency metrics are exported by Ray itself on the node's metrics port.
 """
@@ -37,6 +37,10 @@ class ServingMetrics:
         )
         self.in_flight = Gauge("llava_requests_in_flight", "Requests being handled by this replica",
                                registry=self.registry)
+        self.engine_decoding = Gauge("llava_engine_decoding", "Requests decoding now (rows of the running batch)",
+                                     registry=self.registry)
+        self.engine_waiting = Gauge("llava_engine_waiting", "Requests waiting to join the running batch",
+                                    registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
