@@ -289,3 +289,25 @@ def test_compiled_decode_matches_eager_and_serves_any_batch(tiny):
         step = compiled_decode_step(model, 0)
         compiled = step(input_ids=token, attention_mask=attn, position_ids=pos, past_key_values=compiled_cache).logits
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_compiled_step_falls_back_to_eager(tiny):
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=4)
+
+    def broken_compiled_step(**kwargs):
+        raise RuntimeError("compiled kernel failed")
+
+    engine.decode_fn = broken_compiled_step  # what compiled_decode_step returned, gone bad mid-serving
+    try:
+        req, fut = _request(processor, PROMPTS[1], 8)
+        engine.submit(req)
+        failed = fut.result(timeout=120)
+        assert engine.decode_fn is model, "the engine kept the failing compiled step"
+        req2, fut2 = _request(processor, PROMPTS[1], 8)
+        engine.submit(req2)
+        recovered = fut2.result(timeout=120)
+    finally:
+        engine.close()
+    assert isinstance(failed, RuntimeError)
+    assert recovered.text == _alone(model, processor, PROMPTS[1], 8).text
