@@ -35,18 +35,16 @@ from llava.infer.generate import (
     FINISH_STOP,
     GenerationResult,
     PreparedPrompt,
-    _eos_ids,
-    _model_inputs,
-    _safe_prefix_len,
     apply_stop,
+    eos_ids,
     generate_batch,
+    model_inputs,
     plain_greedy_ok,
+    safe_prefix_len,
     stream_generate,
 )
 
 log = logging.getLogger("llava.infer")
-
-FINISH_CANCELLED = "cancelled"
 
 
 class EngineClosed(RuntimeError):
@@ -211,7 +209,7 @@ class ContinuousEngine(_EngineThread):
         self.admit_wait_s = admit_wait_s
         self.tokenizer = processor.tokenizer
         self.max_rows = max_rows
-        self.eos = _eos_ids(model, processor)
+        self.eos = eos_ids(model, processor)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos or {0}))
         # Prefills run eagerly (they vary in shape and carry images); the decode step, which runs
@@ -273,7 +271,7 @@ class ContinuousEngine(_EngineThread):
 
     def _admit(self, requests: list[DecodeRequest]) -> None:
         """Prefill the new rows as one batch, then splice them into the running state."""
-        inputs = _model_inputs(self.model, _collate([r.encoded for r in requests], self.pad_id))
+        inputs = model_inputs(self.model, _collate([r.encoded for r in requests], self.pad_id))
         attn = inputs["attention_mask"]
         positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -329,7 +327,7 @@ class ContinuousEngine(_EngineThread):
             if hit:
                 reason, text = FINISH_STOP, cut
             if req.on_text is not None:
-                final = len(text) if (hit or reason or n >= req.max_new_tokens) else _safe_prefix_len(text, req.stops)
+                final = len(text) if (hit or reason or n >= req.max_new_tokens) else safe_prefix_len(text, req.stops)
                 if final and text[final - 1] == "\ufffd" and not reason and n < req.max_new_tokens:
                     final -= 1  # a multi-byte character split across tokens: wait for its other bytes
                 if final > row.sent:
@@ -395,20 +393,20 @@ class SequentialEngine(_EngineThread):
         if not taken:
             return
         req = self._current = taken[0]
-        try:
-            req.steps, req.rows_seen = 1, 1
-            if req.on_text is None:
-                result = generate_batch(self.model, self.processor, [{"messages": []}], prompts=[req.prompt],
-                                        max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                                        top_p=req.top_p, stop=req.stops, seed=req.seed)[0]
-            else:
-                result = self._stream(req)
-            if not req.cancelled:
-                req.on_done(result)
-        finally:
-            self._current = None
+        req.steps, req.rows_seen = 1, 1
+        # An exception leaves `_current` set, so that `_fail_all` answers this request with it.
+        if req.on_text is None:
+            result = generate_batch(self.model, self.processor, [{"messages": []}], prompts=[req.prompt],
+                                    max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                                    top_p=req.top_p, stop=req.stops, seed=req.seed)[0]
+        else:
+            result = self._stream(req)
+        self._current = None
+        if result is not None and not req.cancelled:
+            req.on_done(result)
 
-    def _stream(self, req: DecodeRequest) -> GenerationResult:
+    def _stream(self, req: DecodeRequest) -> GenerationResult | None:
+        """Stream through `stream_generate`; None when the request was cancelled midway."""
         assert req.on_text is not None
         events = stream_generate(self.model, self.processor, {"messages": []}, prompt=req.prompt,
                                  max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -417,7 +415,7 @@ class SequentialEngine(_EngineThread):
         try:
             for ev in events:
                 if req.cancelled:
-                    break
+                    return None
                 if ev.delta:
                     text.append(ev.delta)
                     req.on_text(ev.delta)
@@ -425,7 +423,7 @@ class SequentialEngine(_EngineThread):
                     return GenerationResult("".join(text), ev.prompt_tokens, ev.completion_tokens, ev.finish_reason)
         finally:
             events.close()
-        return GenerationResult("".join(text), req.prompt_tokens, 0, FINISH_CANCELLED)
+        raise RuntimeError("generation ended without a finish event")
 
     def _fail_all(self, err: BaseException) -> None:
         if self._current is not None:

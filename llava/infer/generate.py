@@ -126,7 +126,7 @@ def context_length(model: Any) -> int:
 # --------------------------------------------------------------------------------------------- stopping
 
 
-def _eos_ids(model: Any, processor: Any) -> set[int]:
+def eos_ids(model: Any, processor: Any) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = processor.tokenizer.eos_token_id
@@ -203,7 +203,7 @@ def _row_rules(requests: Sequence[dict], max_new_tokens: int, stop: Sequence[str
     return budgets, stops
 
 
-def _model_inputs(model: Any, encoded: Any) -> dict[str, Any]:
+def model_inputs(model: Any, encoded: Any) -> dict[str, Any]:
     inputs = {k: v.to(model.device) for k, v in encoded.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -258,7 +258,7 @@ def _generate_sampled(model: Any, tokenizer: Any, encoded: Any, budgets: list[in
                       temperature: float, top_p: float) -> torch.Tensor:
     """`model.generate` for everything the greedy loop does not cover (sampling, logits processors)."""
     return model.generate(
-        **_model_inputs(model, encoded),
+        **model_inputs(model, encoded),
         max_new_tokens=max(budgets),
         stopping_criteria=StoppingCriteriaList([criteria]),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(criteria.eos or {0}),
@@ -295,11 +295,11 @@ def generate_batch(
     prompt_counts = encoded["attention_mask"].sum(dim=1).tolist()
     budgets, stops = _row_rules(requests, max_new_tokens, stop)
     tokenizer = processor.tokenizer
-    criteria = RowStop(tokenizer, prompt_len, budgets, stops, _eos_ids(model, processor))
+    criteria = RowStop(tokenizer, prompt_len, budgets, stops, eos_ids(model, processor))
     if seed is not None:
         torch.manual_seed(int(seed))
     if temperature <= 0 and plain_greedy_ok(model):
-        out = greedy_decode(model, _model_inputs(model, encoded), max(budgets), criteria)
+        out = greedy_decode(model, model_inputs(model, encoded), max(budgets), criteria)
     else:
         out = _generate_sampled(model, tokenizer, encoded, budgets, criteria, temperature, top_p)
     results = []
@@ -311,7 +311,7 @@ def generate_batch(
     return results
 
 
-def _safe_prefix_len(text: str, stops: Sequence[str]) -> int:
+def safe_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of `text` that can be sent: hold back any suffix that could be the start of a stop string."""
     hold = 0
     for s in stops:
@@ -355,12 +355,12 @@ def stream_generate(
     prompt_len = int(encoded["input_ids"].shape[1])
     budgets, stops = _row_rules([request], max_new_tokens, stop)
     tokenizer = processor.tokenizer
-    criteria = RowStop(tokenizer, prompt_len, budgets, stops, _eos_ids(model, processor))
+    criteria = RowStop(tokenizer, prompt_len, budgets, stops, eos_ids(model, processor))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if seed is not None:
         torch.manual_seed(int(seed))
     kwargs = dict(
-        **_model_inputs(model, encoded),
+        **model_inputs(model, encoded),
         max_new_tokens=budgets[0],
         stopping_criteria=StoppingCriteriaList([criteria]),
         streamer=streamer,
@@ -375,7 +375,7 @@ def stream_generate(
         for piece in streamer:
             text += piece
             cut, hit = apply_stop(text, stops[0])
-            upto = len(cut) if hit else _safe_prefix_len(text, stops[0])
+            upto = len(cut) if hit else safe_prefix_len(text, stops[0])
             if upto > sent:
                 yield StreamEvent(cut[sent:upto] if hit else text[sent:upto])
                 sent = upto

@@ -311,3 +311,31 @@ def test_a_failing_compiled_step_falls_back_to_eager(tiny):
         engine.close()
     assert isinstance(failed, RuntimeError)
     assert recovered.text == _alone(model, processor, PROMPTS[1], 8).text
+
+
+def test_a_failing_generate_answers_its_request_in_the_sequential_engine(tiny):
+    model, processor = tiny
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 1.5
+    calls = {"n": 0}
+
+    class FailsOnce(_CallThrough):
+        def generate(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("simulated device error")
+            return penalised.generate(*args, **kwargs)
+
+    engine = make_engine(FailsOnce(penalised, penalised), processor, max_rows=4)
+    try:
+        assert isinstance(engine, SequentialEngine)
+        req, fut = _request(processor, PROMPTS[0], 8)
+        engine.submit(req)
+        failed = fut.result(timeout=120)
+        req2, fut2 = _request(processor, PROMPTS[0], 8)
+        engine.submit(req2)
+        recovered = fut2.result(timeout=120)
+    finally:
+        engine.close()
+    assert isinstance(failed, RuntimeError) and "simulated" in str(failed)
+    assert recovered.text == _alone(penalised, processor, PROMPTS[0], 8).text

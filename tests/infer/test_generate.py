@@ -136,10 +136,10 @@ def test_greedy_loop_gives_the_same_tokens_as_generate(tiny):
 
     from llava.infer.generate import (
         RowStop,
-        _eos_ids,
-        _model_inputs,
         encode_prompts,
+        eos_ids,
         greedy_decode,
+        model_inputs,
         plain_greedy_ok,
     )
 
@@ -148,11 +148,11 @@ def test_greedy_loop_gives_the_same_tokens_as_generate(tiny):
     encoded = encode_prompts(processor, [render_prompt(processor, r["messages"]) for r in REQS])
     prompt_len = int(encoded["input_ids"].shape[1])
     assert len(set(encoded["attention_mask"].sum(dim=1).tolist())) > 1  # really padded
-    inputs = _model_inputs(model, encoded)
+    inputs = model_inputs(model, encoded)
     reference = model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                pad_token_id=processor.tokenizer.pad_token_id)
     criteria = RowStop(processor.tokenizer, prompt_len, [20] * len(REQS), [[]] * len(REQS), set())  # no EOS: full length
     ours = greedy_decode(model, inputs, 20, criteria)
     assert torch.equal(ours, reference)
     assert [f[1] for f in criteria.finished] == ["length"] * len(REQS)
-    assert _eos_ids(model, processor)  # the EOS rule exists and is exercised by the batch tests above
+    assert eos_ids(model, processor)  # the EOS rule exists and is exercised by the batch tests above

@@ -2,10 +2,10 @@
 
 `ModelRuntime` lives inside the Serve replica (`serving.app.LlavaServer`) next to the HTTP API, so a
 request costs no second actor hop. Requests arrive already validated, with images decoded. Each
-request's prompt is rendered and encoded in a worker thread (so it overlaps the
-decode steps running for others), checked against the context length, then handed to the model's
-engine (`llava.infer.engine`): a thread that owns the model and runs decode steps, letting new
-requests join the running batch at the next step and finished ones leave at once.
+request's prompt is rendered and encoded in a worker thread (overlapping the decode steps running
+for others), checked against the context length, then handed to the model's engine
+(`llava.infer.engine`): a thread that owns the model and runs decode steps, letting new requests
+join the running batch at the next step and finished ones leave at once.
 
 Reload: the new model and its engine are loaded next to the old ones, then a single attribute
 assignment swaps the (model, processor, engine, version) bundle. The old engine finishes the
