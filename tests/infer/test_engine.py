@@ -159,6 +159,19 @@ def test_cancelled_row_leaves_and_others_finish(tiny):
     assert doomed.steps < 200
 
 
+def _fail_then_recover(engine, processor, messages, budget: int) -> tuple:
+    """Two requests one after the other (the first meets the injected failure); the engine is closed after."""
+    try:
+        results = []
+        for _ in range(2):
+            req, fut = _request(processor, messages, budget)
+            engine.submit(req)
+            results.append(fut.result(timeout=120))
+    finally:
+        engine.close()
+    return results[0], results[1]
+
+
 def test_a_failing_step_fails_its_rows_and_the_engine_lives_on(tiny):
     model, processor = tiny
     calls = {"n": 0}
@@ -170,15 +183,7 @@ def test_a_failing_step_fails_its_rows_and_the_engine_lives_on(tiny):
         return model(*args, **kwargs)
 
     engine = ContinuousEngine(_CallThrough(model, flaky), processor, max_rows=4)  # the third forward fails
-    try:
-        req, fut = _request(processor, PROMPTS[0], 10)
-        engine.submit(req)
-        failed = fut.result(timeout=120)
-        req2, fut2 = _request(processor, PROMPTS[0], 10)
-        engine.submit(req2)
-        recovered = fut2.result(timeout=120)
-    finally:
-        engine.close()
+    failed, recovered = _fail_then_recover(engine, processor, PROMPTS[0], 10)
     assert isinstance(failed, RuntimeError) and "simulated" in str(failed)
     assert recovered.text == _alone(model, processor, PROMPTS[0], 10).text
 
@@ -299,16 +304,8 @@ def test_a_failing_compiled_step_falls_back_to_eager(tiny):
         raise RuntimeError("compiled kernel failed")
 
     engine.decode_fn = broken_compiled_step  # what compiled_decode_step returned, gone bad mid-serving
-    try:
-        req, fut = _request(processor, PROMPTS[1], 8)
-        engine.submit(req)
-        failed = fut.result(timeout=120)
-        assert engine.decode_fn is model, "the engine kept the failing compiled step"
-        req2, fut2 = _request(processor, PROMPTS[1], 8)
-        engine.submit(req2)
-        recovered = fut2.result(timeout=120)
-    finally:
-        engine.close()
+    failed, recovered = _fail_then_recover(engine, processor, PROMPTS[1], 8)
+    assert engine.decode_fn is model, "the engine kept the failing compiled step"
     assert isinstance(failed, RuntimeError)
     assert recovered.text == _alone(model, processor, PROMPTS[1], 8).text
 
@@ -327,15 +324,7 @@ def test_a_failing_generate_answers_its_request_in_the_sequential_engine(tiny):
             return penalised.generate(*args, **kwargs)
 
     engine = make_engine(FailsOnce(penalised, penalised), processor, max_rows=4)
-    try:
-        assert isinstance(engine, SequentialEngine)
-        req, fut = _request(processor, PROMPTS[0], 8)
-        engine.submit(req)
-        failed = fut.result(timeout=120)
-        req2, fut2 = _request(processor, PROMPTS[0], 8)
-        engine.submit(req2)
-        recovered = fut2.result(timeout=120)
-    finally:
-        engine.close()
+    assert isinstance(engine, SequentialEngine)
+    failed, recovered = _fail_then_recover(engine, processor, PROMPTS[0], 8)
     assert isinstance(failed, RuntimeError) and "simulated" in str(failed)
     assert recovered.text == _alone(penalised, processor, PROMPTS[0], 8).text
