@@ -326,7 +326,7 @@ def _write_outputs(cfg: EvaluateConfig, results: dict[str, Any]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = job_arguments(argv, prog="python -m jobs.evaluate", description=__doc__.splitlines()[0],
-                                      example="model=runs:/<id>/model")
+                                      example="model=runs:/<id>/model", schema=EvaluateConfig)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = load_config(EvaluateConfig, config, overrides)

@@ -218,7 +218,8 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = job_arguments(argv, prog="python -m jobs.generate_instructions", config_required=False,
-                                      description=__doc__.split("\n")[0], example="teacher.kind=rule")
+                                      description=__doc__.split("\n")[0], example="teacher.kind=rule",
+                                      schema=GenerateConfig)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = load_config(GenerateConfig, config, overrides)

@@ -134,7 +134,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = job_arguments(argv, prog="python -m jobs.pipeline", description=__doc__.splitlines()[0],
-                                      example="workdir=/tmp/run", config_required=False)
+                                      example="workdir=/tmp/run", config_required=False,
+                                      schema=PipelineConfig, default_config=CONFIG_DIR / 'pipeline_tiny.yaml')
     try:
         cfg = load_config(PipelineConfig, config or CONFIG_DIR / 'pipeline_tiny.yaml', overrides)
     except ConfigError as err:

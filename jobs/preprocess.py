@@ -502,7 +502,8 @@ def print_summary(manifest: dict[str, Any], out: Any = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = job_arguments(argv, prog="python -m jobs.preprocess", config_required=False,
-                                      description=__doc__.split("\n")[0], example="max_length=512")
+                                      description=__doc__.split("\n")[0], example="max_length=512",
+                                      schema=PreprocessConfig)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = load_config(PreprocessConfig, config, overrides)

@@ -147,7 +147,7 @@ def _log_job_run(cfg: PromoteConfig, summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = job_arguments(argv, prog="python -m jobs.promote", description=__doc__.splitlines()[0],
-                                      example="source.run_id=abc")
+                                      example="source.run_id=abc", schema=PromoteConfig)
     try:
         cfg = load_config(PromoteConfig, config, overrides)
         summary = run_promotion(cfg)

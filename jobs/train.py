@@ -132,7 +132,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     config, overrides = job_arguments(argv, prog="python -m jobs.train", description=__doc__.splitlines()[0],
-                                      example="optim.lr=1e-4")
+                                      example="optim.lr=1e-4", schema=TrainConfig)
     try:
         cfg = load_config(TrainConfig, config, overrides)
     except ConfigError as err:

@@ -103,13 +103,38 @@ def config_digest(model: BaseModel) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def job_arguments(argv: list[str] | None, *, prog: str, description: str, example: str,
-                  config_required: bool = True) -> tuple[str | None, list[str]]:
-    """The command line every job shares: `--config FILE` plus `key=value` overrides."""
+def job_arguments(argv: list[str] | None, *, prog: str, description: str, example: str, schema: type[BaseModel],
+                  config_required: bool = True, default_config: str | Path | None = None,
+                  ) -> tuple[str | None, list[str]]:
+    """The command line every job shares: `--config FILE` plus `key=value` overrides, and `--dry-run`.
+
+    `--dry-run` validates the config and overrides against `schema` exactly as the run would
+    (`load_config(schema, config or default_config, overrides)`), prints the effective config as
+    YAML and exits like `--help` does: 0 when valid, 2 with the offending dotted key on stderr.
+    It returns before the job touches Ray, MLflow or storage, so a pipeline's entrypoints can be
+    checked anywhere (`llavactl pipeline render` output, CI) before a cluster runs them.
+    """
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=config_required, help="YAML config (jobs/configs/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate config + overrides, print the effective config as YAML, and exit")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        raise SystemExit(dry_run(schema, args.config or default_config, args.overrides, prog=prog))
     return args.config, args.overrides
+
+
+def dry_run(schema: type[BaseModel], config: str | Path | None, overrides: list[str], *, prog: str) -> int:
+    """Print the effective config of a job as YAML (exit status 0), or the config error (status 2)."""
+    import sys
+
+    try:
+        cfg = load_config(schema, config, overrides)
+    except (ConfigError, OSError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
