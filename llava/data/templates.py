@@ -37,11 +37,23 @@ class Template:
     chat_template: str  # Jinja, for LlavaProcessor / tokenizer.apply_chat_template
 
     def render(self, messages: list[dict]) -> RenderedPrompt:
-        return _RENDERERS[self.name](messages, self.eos)
+        return _RENDERERS[self.name]([images_first(m) for m in messages], self.eos)
 
     def generation_prompt(self, messages: list[dict]) -> str:
         """Rendered history followed by the opening of an assistant turn."""
         return self.render(messages).text + _GEN_PROMPT[self.name]
+
+
+def images_first(message: dict) -> dict:
+    """Every `<image>` of a user turn moved to the turn's start, one per line, as the reference
+    code does before tokenising: records write the placeholder before or after the question and
+    clients send the image part first or last, and a model trained on one order and asked in the
+    other sees a sequence it never learned. The chat template below applies the same rule."""
+    content = message.get("content")
+    if message.get("role") != "user" or not isinstance(content, str) or IMAGE_TOKEN not in content:
+        return message
+    n = content.count(IMAGE_TOKEN)
+    return {**message, "content": (IMAGE_TOKEN + "\n") * n + content.replace(IMAGE_TOKEN, "").strip()}
 
 
 def _split_system(messages: list[dict], default: str) -> tuple[str, list[dict]]:
@@ -105,16 +117,21 @@ def _render_plain(messages: list[dict], eos: str) -> RenderedPrompt:
 _RENDERERS = {"vicuna_v1": _render_vicuna, "chatml": _render_chatml, "plain": _render_plain}
 _GEN_PROMPT = {"vicuna_v1": "ASSISTANT:", "chatml": "<|im_start|>assistant\n", "plain": ""}
 
-# Content may be a string (may hold <image> placeholders) or a list of OpenAI-style parts; an image
-# part renders as "<image>\n", the form LLaVA records use ("<image>\nWhat is ...").
+# Content may be a string (may hold <image> placeholders) or a list of OpenAI-style parts. As in
+# `images_first`, a user turn's images (parts or placeholders, wherever they are) render first, one
+# "<image>\n" each, then its text stripped: the form training renders ("<image>\nWhat is ...").
 # Every literal is a {{ '...' }} expression, so no whitespace outside the tags reaches the output.
 _CONTENT_MACRO = (
     "{% macro content(m) %}"
-    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% set ns = namespace(text='', n=0) %}"
+    "{% if m['content'] is string %}{% set ns.text = m['content'] %}"
     "{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' or p['type'] == 'image_url' %}{{ '<image>\\n' }}"
-    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% if p['type'] == 'image' or p['type'] == 'image_url' %}{% set ns.n = ns.n + 1 %}"
+    "{% elif p['type'] == 'text' %}{% set ns.text = ns.text + p['text'] %}{% endif %}"
     "{% endfor %}{% endif %}"
+    "{% set n = ns.n + ns.text.count('<image>') %}"
+    "{% if n and m['role'] == 'user' %}{{ '<image>\\n' * n }}{{ ns.text.replace('<image>', '') | trim }}"
+    "{% else %}{{ '<image>\\n' * ns.n }}{{ ns.text }}{% endif %}"
     "{% endmacro %}"
 )
 

@@ -54,8 +54,9 @@ GOLDEN = [
      f"{SYS} USER: Say hi. ASSISTANT: Hi!</s>", [" Hi!</s>"]),
     ("several_images", "vicuna_v1", rec("<image>\n<image>\nSame shape?", "Yes.", image=["a.png", "b.png"]),
      f"{SYS} USER: <image>\n<image>\nSame shape? ASSISTANT: Yes.</s>", [" Yes.</s>"]),
+    # The placeholder moves to the turn's start wherever the record put it (the reference's rule).
     ("image_mid_turn", "vicuna_v1", rec("Look at <image> and count.", "Two.", image="a.png"),
-     f"{SYS} USER: Look at <image> and count. ASSISTANT: Two.</s>", [" Two.</s>"]),
+     f"{SYS} USER: <image>\nLook at  and count. ASSISTANT: Two.</s>", [" Two.</s>"]),
     ("separator_in_answer", "vicuna_v1", rec("Quote the log.", "USER: hi ASSISTANT: ok"),
      f"{SYS} USER: Quote the log. ASSISTANT: USER: hi ASSISTANT: ok</s>", [" USER: hi ASSISTANT: ok</s>"]),
     ("empty_answer", "vicuna_v1", rec("Say nothing.", ""),
