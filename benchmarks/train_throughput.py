@@ -150,13 +150,13 @@ def hf_trainer(work: Path, data, vision: Path, lm: Path, args, *, tag: str) -> T
     from llava.data.collate import collate_padded, padding_fraction
     from llava.data.records import load_records
     from llava.model.builder import build_llava
-    from llava.model.freezing import TrainableParts, apply_freezing
+    from llava.model.freezing import PartModes, apply_freezing
     from llava.train.dataset import encode_records
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, processor = build_llava(vision, lm, template="vicuna_v1")
-    apply_freezing(model, TrainableParts.for_stage(2))
+    apply_freezing(model, PartModes.for_stage(2))
     samples, rejected = encode_records(load_records(data.stage2), processor, "vicuna_v1", max_length=512,
                                        image_root=data.image_root)
     if rejected:
@@ -268,11 +268,11 @@ def measure_mfu(device: str, *, batch: int, seq_len: int, steps: int, warmup: in
     """Time stage-2 steps (vision frozen; projector + LM trained with AdamW) on random data."""
     import torch
 
-    from llava.model.freezing import TrainableParts, apply_freezing
+    from llava.model.freezing import PartModes, apply_freezing
 
     model, image_tokens = stage2_gpu_model(attn, **model_kw)
     model.to(device)
-    apply_freezing(model, TrainableParts.for_stage(2))
+    apply_freezing(model, PartModes.for_stage(2))
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -1,4 +1,4 @@
-"""AdamW without weight decay, a separate projector learning rate, cosine schedule with warm-up."""
+"""AdamW without weight decay, one learning rate per part, cosine schedule with warm-up."""
 
 from __future__ import annotations
 
@@ -6,28 +6,25 @@ import math
 
 import torch
 
-from llava.model.freezing import part_of
+from llava.model.freezing import PARTS, part_of
 
 
-def param_groups(model: torch.nn.Module, lr: float, projector_lr: float | None) -> list[dict]:
-    """Two groups so the projector can run at its own rate (LLaVA-1.5 uses one rate; stage-2
-    recipes elsewhere often raise the projector's). Frozen parameters are left out."""
-    groups = {"projector": [], "rest": []}
+def param_groups(model: torch.nn.Module, lrs: dict[str, float]) -> list[dict]:
+    """One group per part that trains, at that part's rate (LLaVA-1.5 uses one rate; LoRA recipes
+    run the projector 10x below the adapters; LLaVA-NeXT unfreezes the vision tower at 1/5 to 1/10
+    of the LM's). Frozen parameters are left out."""
+    groups: dict[str, list] = {part: [] for part in PARTS}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups["projector" if part_of(name) == "projector" else "rest"].append(param)
-    out = []
-    if groups["projector"]:
-        out.append({"params": groups["projector"], "lr": projector_lr or lr, "name": "projector"})
-    if groups["rest"]:
-        out.append({"params": groups["rest"], "lr": lr, "name": "language_model"})
+            groups[part_of(name)].append(param)
+    out = [{"params": params, "lr": lrs[part], "name": part} for part, params in groups.items() if params]
     if not out:
-        raise ValueError("no trainable parameters: check the stage's freezing settings")
+        raise ValueError("no trainable parameters: check the method's per-part modes")
     return out
 
 
-def build_optimizer(model, lr: float, projector_lr: float | None, betas=(0.9, 0.999), eps=1e-8):
-    return torch.optim.AdamW(param_groups(model, lr, projector_lr), betas=betas, eps=eps, weight_decay=0.0)
+def build_optimizer(model, lrs: dict[str, float], betas=(0.9, 0.999), eps=1e-8):
+    return torch.optim.AdamW(param_groups(model, lrs), betas=betas, eps=eps, weight_decay=0.0)
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float):

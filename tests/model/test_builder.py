@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from llava.model.builder import build_llava, num_image_tokens, save_llava
-from llava.model.freezing import TrainableParts, apply_freezing
+from llava.model.freezing import PartModes, apply_freezing
 
 
 @pytest.fixture(scope="module", params=["mlp2x_gelu", "linear"])
@@ -59,7 +59,7 @@ def test_linear_projector_is_one_linear_map(saved):
 def test_freezing_per_stage(saved, stage):
     projector, _, path = saved
     model = LlavaForConditionalGeneration.from_pretrained(path)
-    counts = apply_freezing(model, TrainableParts.for_stage(stage))
+    counts = apply_freezing(model, PartModes.for_stage(stage))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any("vision_tower" in n for n in trainable), "the vision encoder is always frozen"
     assert any("multi_modal_projector.linear_1" in n for n in trainable)
