@@ -152,7 +152,11 @@ class Storage:
         self.write_bytes(uri, text.encode(encoding))
 
     def exists(self, uri: str | os.PathLike) -> bool:
-        """True for an existing file/object, or a directory/prefix holding at least one object."""
+        """True for an existing file/object, or a directory/prefix holding at least one object.
+
+        Only a 404 means "missing": a 403 (S3 answers it for a missing object too when the caller
+        may not list the bucket) or an unreachable endpoint raises, since neither says anything
+        about the object and treating them as absent would, e.g., report data as never written."""
         if not is_s3(uri):
             return local_path(uri).exists()
         bucket, key = split_s3(str(uri))
@@ -162,7 +166,7 @@ class Storage:
                 client.head_object(Bucket=bucket, Key=key)
                 return True
             except Exception as err:
-                if _s3_status(err) not in (404, 403, None):
+                if _s3_status(err) != 404:
                     raise StorageError(f"cannot check {uri}: {_s3_reason(err)}") from err
         prefix = key.rstrip("/") + "/" if key else ""
         try:
@@ -192,10 +196,21 @@ class Storage:
         bucket, key = split_s3(str(uri))
         keys = [split_s3(u)[1] for u in self.list(uri)] if recursive else [key]
         client = self.s3_client()
+        failed: list[str] = []
         for start in range(0, len(keys), 1000):
-            chunk = [{"Key": k} for k in keys[start:start + 1000]]
-            if chunk:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+            chunk = keys[start:start + 1000]
+            try:
+                # Quiet: the response lists only the keys that were NOT deleted (HTTP 200 all the same)
+                answer = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
+                                                                       "Quiet": True})
+            except Exception as err:
+                raise StorageError(f"cannot delete {len(chunk)} object(s) under {uri} (first "
+                                   f"s3://{bucket}/{chunk[0]}): {_s3_reason(err)}") from err
+            failed += [f"s3://{bucket}/{e.get('Key')} ({e.get('Code')}: {e.get('Message')})"
+                       for e in answer.get("Errors", [])]
+        if failed:
+            shown = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
+            raise StorageError(f"cannot delete {len(failed)} of {len(keys)} object(s) under {uri}: {shown}")
         return len(keys)
 
     # -- many objects -------------------------------------------------------------------------

@@ -97,3 +97,36 @@ def test_uri_helpers():
     assert storage.join("s3://b/p/", "x", "/y.txt") == "s3://b/p/x/y.txt"
     with pytest.raises(StorageError, match="no bucket"):
         storage.split_s3("s3:///key")
+
+
+def _deny(s3_bucket: str, actions: list[str], prefix: str) -> None:
+    """A bucket policy that denies `actions` on `prefix/*` to everyone (as a retention rule would)."""
+    import json
+
+    import boto3
+
+    policy = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Principal": "*", "Action": actions, "Resource": f"arn:aws:s3:::{s3_bucket}/{prefix}/*"}]}
+    boto3.client("s3").put_bucket_policy(Bucket=s3_bucket, Policy=json.dumps(policy))
+
+
+def test_s3_delete_that_leaves_objects_behind_raises_naming_them(s3_bucket):
+    root = f"s3://{s3_bucket}/shards"
+    for name in ("keep/a.parquet", "keep/b.parquet", "free/c.parquet"):
+        storage.write_text(f"{root}/{name}", "x")
+    _deny(s3_bucket, ["s3:DeleteObject"], "shards/keep")
+    with pytest.raises(StorageError, match="cannot delete 2 of 3") as err:
+        storage.delete(root, recursive=True)
+    assert "shards/keep/a.parquet" in str(err.value) and "AccessDenied" in str(err.value)
+    # what could be deleted is gone; the stale shards are still there, and now known to be
+    assert storage.list_files(root) == [f"{root}/keep/a.parquet", f"{root}/keep/b.parquet"]
+
+
+def test_s3_exists_tells_forbidden_from_missing(s3_bucket):
+    storage.write_text(f"s3://{s3_bucket}/secret/manifest.json", "{}")
+    # moto names the action of a HEAD request s3:HeadObject (AWS checks s3:GetObject)
+    _deny(s3_bucket, ["s3:GetObject", "s3:HeadObject"], "secret")
+    with pytest.raises(StorageError, match="secret/manifest.json") as err:
+        storage.exists(f"s3://{s3_bucket}/secret/manifest.json")
+    assert "403" in str(err.value) or "Forbidden" in str(err.value)
+    assert not storage.exists(f"s3://{s3_bucket}/public/missing.json")  # a 404 is still "missing"
