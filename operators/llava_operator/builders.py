@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from llava_operator.phases import ENTRYPOINT_MODULES, placeholder_values, render_overrides
+from llava_operator.serve_settings import key_env, serve_args
 from llava_operator.spec import OperatorSettings, PipelineSpec, Workers
 
 LABEL_PIPELINE = "llava.dev/pipeline"
@@ -104,6 +105,8 @@ def _pod(containers: list[dict], spec: PipelineSpec, settings: OperatorSettings,
     account = spec.serviceAccountName or settings.ray_service_account
     if account:
         pod["serviceAccountName"] = account
+    if settings.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n.strip()} for n in settings.image_pull_secrets.split(",") if n.strip()]
     if workers is not None:
         if workers.nodeSelector:
             pod["nodeSelector"] = dict(workers.nodeSelector)
@@ -112,10 +115,19 @@ def _pod(containers: list[dict], spec: PipelineSpec, settings: OperatorSettings,
     return {"spec": pod}
 
 
+def auth_options(settings: OperatorSettings) -> dict[str, Any]:
+    """KubeRay token auth, with the chart's shared token Secret when it names one."""
+    options: dict[str, Any] = {"mode": "token"}
+    if settings.ray_token_secret:
+        options["secretName"] = settings.ray_token_secret
+    return options
+
+
 def ray_cluster_spec(spec: PipelineSpec, settings: OperatorSettings, env: dict[str, str],
-                     workers: Workers) -> dict[str, Any]:
+                     workers: Workers, extra_env: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The cluster a RayJob or RayService brings up: a head plus (optionally) one worker group."""
-    env_list = [{"name": k, "value": v} for k, v in sorted(env.items())] + secret_env(spec, settings)
+    env_list = ([{"name": k, "value": v} for k, v in sorted(env.items())] + secret_env(spec, settings)
+                + list(extra_env or []))
     image = spec.image or settings.image
     head_params: dict[str, str] = {"dashboard-host": "0.0.0.0"}
     if workers.replicas > 0:
@@ -126,7 +138,7 @@ def ray_cluster_spec(spec: PipelineSpec, settings: OperatorSettings, env: dict[s
                       env_list, ports)
     cluster: dict[str, Any] = {
         "rayVersion": settings.ray_version,
-        "authOptions": {"mode": "token"},
+        "authOptions": auth_options(settings),
         "headGroupSpec": {"rayStartParams": head_params, "template": _pod([head], spec, settings)},
     }
     if workers.replicas > 0:
@@ -194,7 +206,7 @@ def serve_config(spec: PipelineSpec, settings: OperatorSettings, uid: str, model
         "name": "llava",
         "route_prefix": "/",
         "import_path": "llava_platform.serving.app:build_app",
-        "args": {"model_uri": f"models:/{spec.registry.modelName}@{spec.registry.alias}"},
+        "args": serve_args(spec, settings),
         "runtime_env": {"env_vars": env},
     }
     return yaml.safe_dump({"applications": [app]}, sort_keys=False)
@@ -203,13 +215,14 @@ def serve_config(spec: PipelineSpec, settings: OperatorSettings, uid: str, model
 def build_rayservice(spec: PipelineSpec, settings: OperatorSettings, *, pipeline: str, uid: str,
                      name: str, model_version: str | None) -> dict[str, Any]:
     env = plain_env(spec, settings, uid, "serve")
-    workers = spec.serving.workers or Workers(replicas=spec.serving.numReplicas, cpu="4", memory="16Gi")
+    # Pods for the Serve replicas (spec.serving.numReplicas / autoscaling count replicas, not pods).
+    workers = spec.serving.workers or Workers(replicas=1, cpu="4", memory="16Gi")
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {"name": name, "labels": {**MANAGED_BY, LABEL_PIPELINE: pipeline, LABEL_PHASE: "serve"}},
         "spec": {
             "serveConfigV2": serve_config(spec, settings, uid, model_version),
-            "rayClusterConfig": ray_cluster_spec(spec, settings, env, workers),
+            "rayClusterConfig": ray_cluster_spec(spec, settings, env, workers, key_env(spec, settings)),
         },
     }

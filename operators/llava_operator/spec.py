@@ -94,10 +94,49 @@ class Registry(StrictModel):
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+class ServeReplica(StrictModel):
+    """What one Serve replica reserves on its Ray node (`ray_actor_options`)."""
+
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    memoryGi: float | None = Field(None, gt=0)
+
+
+class ServeEngine(StrictModel):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    maxBatchSize: int = Field(32, ge=1, le=256)
+    compileDecode: bool = True
+
+
+class ServeAutoscaling(StrictModel):
+    minReplicas: int = Field(1, ge=0)
+    maxReplicas: int = Field(1, ge=1)
+    targetOngoingRequests: float = Field(8.0, gt=0)
+
+
+class SecretKeyRef(StrictModel):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class ServeAuth(StrictModel):
+    """Serving is closed: the API key Secret is required (here or as the operator's default);
+    `/admin/reload` stays off unless an admin key Secret is named."""
+
+    apiKeySecret: SecretKeyRef | None = None
+    adminKeySecret: SecretKeyRef | None = None
+    reloadAnyUri: bool = False
+
+
 class Serving(StrictModel):
     enabled: bool = True
-    numReplicas: int = Field(1, ge=1)
-    maxOngoingRequests: int = Field(8, ge=1)
+    numReplicas: int = Field(1, ge=1, description="Serve replicas (ignored when autoscaling is set)")
+    maxOngoingRequests: int = Field(32, ge=1)
+    autoscaling: ServeAutoscaling | None = None
+    replica: ServeReplica = Field(default_factory=ServeReplica)
+    engine: ServeEngine = Field(default_factory=ServeEngine)
+    auth: ServeAuth = Field(default_factory=ServeAuth)
     workers: Workers | None = None
 
 
@@ -156,9 +195,18 @@ class OperatorSettings(StrictModel):
     s3_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
     s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
     ray_service_account: str | None = None
+    # The chart's imagePullSecrets (comma-separated names) and shared Ray token Secret, so that
+    # operator-made pods match the chart's own Ray pods.
+    image_pull_secrets: str | None = None
+    ray_token_secret: str | None = None
     reconcile_seconds: float = Field(10.0, gt=0)
     mlflow_timeout_seconds: float = Field(5.0, gt=0)
     run_as_user: int = 1000
+    # The chart's serving Secrets: used by pipelines whose spec names none.
+    serving_api_key_secret: str | None = None
+    serving_api_key_key: str = "api-key"
+    serving_admin_key_secret: str | None = None
+    serving_admin_key_key: str = "admin-key"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Command-group modules under llava_platform.commands, in --help order.
-COMMAND_MODULES = ["run", "serve", "chat", "models", "submit", "data", "eval"]
+COMMAND_MODULES = ["run", "serve", "chat", "models", "submit", "pipeline", "data", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

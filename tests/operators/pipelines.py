@@ -1,4 +1,4 @@
-"""Pipeline manifests for the operator tests: the shipped example and a small CPU-only one."""
+"""Pipeline manifests for the operator tests: the shipped examples and a small CPU-only one."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO_ROOT / "operators" / "llava_operator" / "examples" / "pipeline.yaml"
+EXAMPLES_DIR = REPO_ROOT / "operators" / "llava_operator" / "examples"
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 CRD = REPO_ROOT / "charts" / "llava-platform" / "crds" / "llavapipelines.llava.dev.yaml"
 
 
-def example_pipeline() -> dict:
-    return yaml.safe_load(EXAMPLE.read_text())
+def example_pipeline(name: str = "llava15-7b") -> dict:
+    return yaml.safe_load((EXAMPLES_DIR / f"{name}.yaml").read_text())
 
 
 def small_pipeline(name: str = "demo", *, max_attempts: int = 2, serving: bool = True) -> dict:
@@ -27,17 +28,17 @@ def small_pipeline(name: str = "demo", *, max_attempts: int = 2, serving: bool =
             "data": {"sourceUri": "s3://bucket/raw/", "outputUri": "s3://bucket/processed/"},
             "models": {"vision": "tiny/clip", "language": "tiny/llama"},
             "stages": {
-                "preprocess": {"config": "jobs/configs/preprocess.yaml", **copy.deepcopy(stage)},
-                "stage1": {"config": "jobs/configs/stage1_tiny.yaml",
-                           "overrides": ["model.vision_path=${models.vision}", "max_steps=2"]},
-                "stage2": {"config": "jobs/configs/stage2_tiny.yaml"},
-                "evaluate": {"config": "jobs/configs/evaluate_tiny.yaml"},
-                "promote": {"config": "jobs/configs/promote.yaml",
-                            "overrides": ["gate.threshold=${gate.threshold}"]},
+                "preprocess": {"config": "jobs/configs/preprocess_stage2.yaml", **copy.deepcopy(stage)},
+                "stage1": {"config": "jobs/configs/tiny_stage1.yaml",
+                           "overrides": ["model.vision=${models.vision}", "optim.max_steps=2"]},
+                "stage2": {"config": "jobs/configs/tiny_stage2.yaml"},
+                "evaluate": {"config": "jobs/configs/evaluate_pipeline.yaml"},
+                "promote": {"config": "jobs/configs/promote_default.yaml",
+                            "overrides": ["simple_gate.threshold=${gate.threshold}"]},
             },
             "cluster": {"head": {"cpu": "1", "memory": "2Gi"}, "workers": {"replicas": 0}},
             "evaluation": {"gate": {"metric": "shapes_accuracy", "threshold": 0.5}},
-            "serving": {"enabled": serving},
+            "serving": {"enabled": serving, "auth": {"apiKeySecret": {"name": "llava-api-keys", "key": "api-key"}}},
             "retryPolicy": {"maxAttempts": max_attempts},
         },
     }

@@ -234,7 +234,7 @@ def test_spec_change_while_running_finishes_phase_then_restarts(cluster):
     cluster.wait("stage1", _job_started(cluster, "change", "change-stage1-1"))
     cluster.set_job("change-stage1-1", "Running", "RUNNING")
 
-    cluster.update_spec("change", {"stages": {"stage1": {"overrides": ["max_steps=5"]}}})
+    cluster.update_spec("change", {"stages": {"stage1": {"overrides": ["optim.max_steps=5"]}}})
     status = cluster.wait("SpecChangedWhileRunning", lambda: (s := cluster.status("change")) and any(
         c["type"] == "SpecChangedWhileRunning" and c["status"] == "True" for c in s.get("conditions", [])) and s)
     assert status["currentRayJob"] == "change-stage1-1" and status["observedGeneration"] == 2
@@ -243,7 +243,7 @@ def test_spec_change_while_running_finishes_phase_then_restarts(cluster):
     cluster.set_job("change-stage1-1", "Complete", "SUCCEEDED")
     cluster.wait("stage1 re-run", _job_started(cluster, "change", "change-stage1-2"))
     rerun = cluster.rayjobs()["change-stage1-2"]
-    assert "max_steps=5" in rerun["spec"]["entrypoint"]
+    assert "optim.max_steps=5" in rerun["spec"]["entrypoint"]
     assert "change-preprocess-2" not in cluster.rayjobs(), "unchanged earlier phases are not re-run"
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 API_KEY = "test-key-" + "0123456789abcdef"
+ADMIN_KEY = "test-admin-" + "fedcba9876543210"
 
 
 def free_port() -> int:
@@ -47,11 +48,14 @@ def serve_app(ray_local, tiny_llava_dir, mlflow_sqlite, tmp_path_factory):
     client.set_registered_model_alias(name, "champion", versions[0])
     key_file: Path = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(API_KEY + "\n")
+    admin_file = key_file.with_name("admin-key")
+    admin_file.write_text(ADMIN_KEY + "\n")
     args = {
         "model_uri": f"models:/{name}@champion",
         "mlflow_tracking_uri": mlflow_sqlite.tracking_uri,
         "model_cache_dir": str(tmp_path_factory.mktemp("model-cache")),
-        "auth": {"api_key_file": str(key_file)},
+        # The reload tests switch to local copies of the model: reload_any_uri widens the URI policy.
+        "auth": {"api_key_file": str(key_file), "admin_key_file": str(admin_file), "reload_any_uri": True},
         "limits": {"max_tokens": 256, "max_images": 2, "max_image_pixels": 4_000_000,
                    "max_request_bytes": 2_000_000},
         "model": {"max_batch_size": 8, "compile_decode": False, "max_ongoing_requests": 16,
@@ -59,6 +63,6 @@ def serve_app(ray_local, tiny_llava_dir, mlflow_sqlite, tmp_path_factory):
         "retry_after_s": 2,
     }
     url = start_app(args, host="127.0.0.1", port=free_port(), timeout_s=240)
-    yield {"url": url, "key": API_KEY, "model_dir": Path(tiny_llava_dir), "registry": client, "name": name,
+    yield {"url": url, "key": API_KEY, "admin_key": ADMIN_KEY, "model_dir": Path(tiny_llava_dir), "registry": client, "name": name,
            "versions": versions}
     shutdown_local()

@@ -273,11 +273,11 @@ def _llavactl(argv: list[str]) -> int:
 
 def test_promotion_then_reload_serves_the_new_champion(serve_app, monkeypatch, capsys):
     url, client, name = serve_app["url"], serve_app["registry"], serve_app["name"]
-    monkeypatch.setenv("LLAVA_TEST_KEY", serve_app["key"])
+    monkeypatch.setenv("LLAVA_TEST_KEY", serve_app["admin_key"])
     before = httpx.get(f"{url}/v1/models", headers=_auth(serve_app), timeout=10).json()["data"][0]
     assert before["root"] == f"models:/{name}@champion"
     client.set_registered_model_alias(name, "champion", serve_app["versions"][1])  # the promotion
-    assert _llavactl(["serve", "reload", "--address", url, "--api-key-env", "LLAVA_TEST_KEY"]) == 0
+    assert _llavactl(["serve", "reload", "--address", url, "--admin-key-env", "LLAVA_TEST_KEY"]) == 0
     assert "switched" in capsys.readouterr().out
     after = httpx.get(f"{url}/v1/models", headers=_auth(serve_app), timeout=10).json()["data"][0]
     assert after["version"] != before["version"] and after["root"] == before["root"]
@@ -290,7 +290,7 @@ def test_reload_under_load_switches_version_without_failures(serve_app, tmp_path
     before = httpx.get(f"{url}/v1/models", headers=_auth(serve_app), timeout=10).json()["data"][0]["version"]
     new_dir = tmp_path / "champion-v2"
     shutil.copytree(serve_app["model_dir"], new_dir)
-    monkeypatch.setenv("LLAVA_TEST_KEY", serve_app["key"])
+    monkeypatch.setenv("LLAVA_TEST_KEY", serve_app["admin_key"])
 
     async def scenario():
         # Keep 8 requests in flight from before the reload until after it returned.
@@ -306,7 +306,7 @@ def test_reload_under_load_switches_version_without_failures(serve_app, tmp_path
         workers = [asyncio.create_task(worker()) for _ in range(8)]
         await asyncio.sleep(0.5)
         rc = await asyncio.to_thread(
-            _llavactl, ["serve", "reload", "--address", url, "--model", str(new_dir), "--api-key-env", "LLAVA_TEST_KEY"]
+            _llavactl, ["serve", "reload", "--address", url, "--model", str(new_dir), "--admin-key-env", "LLAVA_TEST_KEY"]
         )
         done.set()
         await asyncio.gather(*workers)
@@ -323,8 +323,8 @@ def test_reload_under_load_switches_version_without_failures(serve_app, tmp_path
 
 
 def test_reload_without_change_is_a_no_op_and_bad_uri_is_a_4xx(serve_app, monkeypatch, capsys):
-    monkeypatch.setenv("LLAVA_TEST_KEY", serve_app["key"])
-    argv = ["serve", "reload", "--address", serve_app["url"], "--api-key-env", "LLAVA_TEST_KEY"]
+    monkeypatch.setenv("LLAVA_TEST_KEY", serve_app["admin_key"])
+    argv = ["serve", "reload", "--address", serve_app["url"], "--admin-key-env", "LLAVA_TEST_KEY"]
     assert _llavactl(argv) == 0
     assert "unchanged" in capsys.readouterr().out
     assert _llavactl(argv + ["--model", "/does/not/exist"]) == 1
@@ -332,6 +332,11 @@ def test_reload_without_change_is_a_no_op_and_bad_uri_is_a_4xx(serve_app, monkey
     monkeypatch.delenv("LLAVA_TEST_KEY")
     assert _llavactl(argv) == 1  # no key -> 401
     _still_healthy(serve_app)
+
+
+def test_the_inference_key_cannot_reload(serve_app):
+    resp = httpx.post(f"{serve_app['url']}/admin/reload", json={}, headers=_auth(serve_app), timeout=30)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_admin_key", resp.text
 
 
 def test_llavactl_chat_with_image(serve_app, tmp_path, monkeypatch, capsys):

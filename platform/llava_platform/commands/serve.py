@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--address", default="http://127.0.0.1:8000", help="base URL of the running endpoint")
     r.add_argument("--model", help="switch to this model URI instead of re-resolving the current one")
     r.add_argument("--force", action="store_true", help="reload even if the model content did not change")
-    r.add_argument("--api-key-env", default="LLAVA_API_KEY", help="env var holding the API key (if auth is on)")
+    r.add_argument("--admin-key-env", default="LLAVA_ADMIN_KEY",
+                   help="env var holding the admin key (reload is off on servers without one)")
     r.add_argument("--timeout", type=float, default=600.0)
     r.set_defaults(func=reload_main)
 
@@ -83,7 +84,7 @@ def reload_main(args: argparse.Namespace) -> int:
     import httpx
 
     headers = {}
-    key = os.environ.get(args.api_key_env or "", "")
+    key = os.environ.get(args.admin_key_env or "", "")
     if key:
         headers["Authorization"] = f"Bearer {key}"
     body: dict = {"force": bool(args.force)}

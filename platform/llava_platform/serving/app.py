@@ -30,7 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_platform.serving import reload_broadcast
-from llava_platform.serving.auth import check_bearer, load_api_key
+from llava_platform.serving.auth import ReloadGuard, check_bearer, load_api_key
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 from llava_platform.serving.images import RemotePolicy, to_generation_messages
 from llava_platform.serving.metrics import ServingMetrics
@@ -87,6 +87,7 @@ class LlavaServer:
     def __init__(self, args: dict[str, Any], reload_token: str):
         self.cfg: ServeConfig = parse_serve_config(args)
         self.api_key = load_api_key(self.cfg.auth)  # fails the replica if auth is on but the key is missing
+        self.reload_guard = ReloadGuard(self.cfg.auth, self.cfg.model_uri)
         self.metrics = ServingMetrics()
         self.remote = RemotePolicy(self.cfg.allow_remote_images, self.cfg.remote_image_timeout_s,
                                    self.cfg.remote_image_private_hosts)
@@ -143,7 +144,8 @@ class LlavaServer:
     @api.post("/admin/reload")
     async def reload(self, request: Request) -> dict[str, Any]:
         """Re-resolve the model URI (or switch to the one given) and hot-swap the weights."""
-        check_bearer(self.api_key, request.headers.get("authorization"))
+        who = self.reload_guard.caller(request.headers.get("authorization"),
+                                       request.client.host if request.client else None)
         raw = await request.body()
         try:
             body = json.loads(raw) if raw.strip() else {}
@@ -152,10 +154,13 @@ class LlavaServer:
             raise APIError(400, "reload body must be JSON, e.g. {\"model_uri\": \"models:/llava@champion\"}",
                            code="invalid_json") from None
         force = bool(body.get("force", False))
+        self.reload_guard.check_uri(uri)
+        before = self.model.info()
         try:
             result = await self.model.reload(uri, force)
         except ValueError as err:  # ModelURIError from resolution
             raise APIError(400, f"cannot reload: {err}", param="model_uri", code="invalid_model_uri") from None
+        self.reload_guard.record(who, before, result)
         if result["changed"] or uri:
             # The other replicas follow on their next health check.
             record = reload_broadcast.ReloadRecord.new(self.model.model_uri, force)

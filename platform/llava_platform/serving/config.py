@@ -89,14 +89,25 @@ class Limits(StrictModel):
 
 
 class Auth(StrictModel):
-    """Bearer-token auth; enabled when a key source is set. The key is never logged or echoed."""
+    """Bearer-token auth. Inference keys guard the API when a key source is set; `/admin/reload`
+    is off unless an admin key source is set, and the admin key must differ from the inference key
+    (an inference caller must never be able to swap the served model). Keys are never logged."""
 
     api_key_env: str | None = None
     api_key_file: str | None = None
+    admin_key_env: str | None = None
+    admin_key_file: str | None = None
+    # Reload accepts only models:/<served registered model>@alias or /version (the promotion gate
+    # decides what the alias points at); true widens it to any URI the loader understands.
+    reload_any_uri: bool = False
 
     @property
     def enabled(self) -> bool:
         return bool(self.api_key_env or self.api_key_file)
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_key_env or self.admin_key_file)
 
 
 class ServeConfig(StrictModel):
