@@ -75,8 +75,9 @@ def plain_env(spec: PipelineSpec, settings: OperatorSettings, uid: str, phase: s
     endpoint = spec.s3.endpointUrl or settings.s3_endpoint_url
     if endpoint:
         env["AWS_ENDPOINT_URL_S3"] = endpoint
-    if spec.s3.region:
-        env["AWS_DEFAULT_REGION"] = spec.s3.region
+    region = spec.s3.region or settings.s3_region
+    if region:
+        env["AWS_DEFAULT_REGION"] = region
     return env
 
 

@@ -44,6 +44,7 @@ def settings_from_values(values: dict, *, release: str = "llava", namespace: str
         "LLAVA_OPERATOR_RAY_SERVICE_ACCOUNT": _dig(values, "operator.rayServiceAccount"),
         "LLAVA_OPERATOR_IMAGE_PULL_SECRETS": ",".join(s["name"] for s in _dig(values, "imagePullSecrets") or []),
         "LLAVA_OPERATOR_RAY_TOKEN_SECRET": _dig(values, "ray.auth.tokenSecret"),
+        "LLAVA_OPERATOR_S3_REGION": _dig(values, "s3.region"),
         "LLAVA_OPERATOR_S3_ENDPOINT_URL": _dig(values, "s3.endpointUrl") or (
             f"http://{fullname}-minio.{namespace}.svc:9000" if _dig(values, "minio.enabled") else None),
         "LLAVA_OPERATOR_SERVING_API_KEY_SECRET": _dig(values, "serving.auth.apiKeySecret.name"),

@@ -191,6 +191,7 @@ class OperatorSettings(StrictModel):
     # Secret holding MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD when MLflow has auth on.
     mlflow_credentials_secret: str | None = None
     s3_endpoint_url: str | None = None
+    s3_region: str | None = None
     s3_credentials_secret: str | None = None
     s3_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
     s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"

@@ -155,6 +155,9 @@ spec:
         {{- if $ctx.Values.mlflow.enabled }}
         {{- include "llava.mlflowClientEnv" $ctx | nindent 8 }}
         {{- end }}
+        {{- if .serveKeys }}
+        {{- include "llava.serveKeyEnv" $ctx | nindent 8 }}
+        {{- end }}
       {{- if .head }}
       ports:
         - {containerPort: 6379, name: gcs-server}
@@ -167,6 +170,45 @@ spec:
   volumes:
     - name: shm
       emptyDir: {medium: Memory, sizeLimit: 2Gi}
+{{- end -}}
+
+{{/* The serving keys as secretKeyRef env vars (same names as llava_operator.serve_settings). */}}
+{{- define "llava.serveKeyEnv" -}}
+{{- with .Values.serving.auth }}
+- name: LLAVA_API_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ .apiKeySecret.name | quote }}, key: {{ .apiKeySecret.key | quote }}}
+{{- if .adminKeySecret.name }}
+- name: LLAVA_ADMIN_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ .adminKeySecret.name | quote }}, key: {{ .adminKeySecret.key | quote }}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+serveConfigV2 of the chart's RayService: the same `build_app` args as the operator writes
+(llava_operator.serve_settings.serve_args; tests/charts/test_serving_values.py compares them).
+*/}}
+{{- define "llava.serveConfig" -}}
+{{- $rs := .Values.rayService -}}
+{{- $auth := .Values.serving.auth -}}
+{{- $resources := dict "num_cpus" $rs.replica.cpus "num_gpus" $rs.replica.gpus -}}
+{{- if $rs.replica.memoryGi }}{{- $_ := set $resources "memory_bytes" (mul $rs.replica.memoryGi 1073741824) -}}{{- end -}}
+{{- $model := dict "num_replicas" $rs.numReplicas "max_ongoing_requests" $rs.maxOngoingRequests "resources" $resources "device" $rs.engine.device "dtype" $rs.engine.dtype "max_batch_size" $rs.engine.maxBatchSize "compile_decode" $rs.engine.compileDecode -}}
+{{- if $rs.autoscaling.enabled }}{{- $_ := set $model "autoscaling" (dict "min_replicas" $rs.autoscaling.minReplicas "max_replicas" $rs.autoscaling.maxReplicas "target_ongoing_requests" $rs.autoscaling.targetOngoingRequests) -}}{{- end -}}
+{{- $authArgs := dict "api_key_env" "LLAVA_API_KEY" -}}
+{{- if $auth.adminKeySecret.name }}{{- $_ := set $authArgs "admin_key_env" "LLAVA_ADMIN_KEY" -}}{{- $_ := set $authArgs "reload_any_uri" $auth.reloadAnyUri -}}{{- end -}}
+{{- $args := dict "model_uri" (printf "models:/%s@%s" $rs.modelName $rs.alias) "auth" $authArgs "model" $model -}}
+{{- $app := dict "name" "llava" "route_prefix" "/" "import_path" "llava_platform.serving.app:build_app" "args" $args -}}
+{{- toYaml (dict "applications" (list $app)) -}}
+{{- end -}}
+
+{{/* imagePullSecrets as the comma-separated names the operator reads. */}}
+{{- define "llava.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.imagePullSecrets }}{{- $names = append $names .name -}}{{- end -}}
+{{- join "," $names -}}
 {{- end -}}
 
 {{- define "llava.rayAuthOptions" -}}
