@@ -1,6 +1,6 @@
 """`llavactl submit`: run a `jobs/*` entrypoint on an existing Ray cluster via the Ray Jobs API.
 
-    llavactl submit train --address http://HEAD:8265 --config jobs/configs/stage1.yaml max_steps=10
+    llavactl submit train --address http://HEAD:8265 --config jobs/configs/tiny_stage1.yaml optim.max_steps=10
     llavactl submit jobs.evaluate --address http://HEAD:8265 --no-follow
 
 The working dir (default: the repository holding `jobs/`) is uploaded as the job's runtime env. With
