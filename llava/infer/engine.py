@@ -12,9 +12,23 @@ attention mask and position counter, so padding never changes what a row sees (a
 that a row's tokens equal those of decoding it alone). Columns that became padding for every row
 (after long rows left) are trimmed.
 
+Isolation: one request must never hurt another. Sampling runs per row and a row whose sampling
+fails (or whose callback raises) leaves alone with its error; a decode forward that fails is rolled
+back (the cache columns it appended are cut) and retried once, eagerly, so the running rows keep
+their KV cache; a prefill that fails is retried row by row, so only the row that cannot be
+prefilled gets the error. A compiled decode step that fails sends the engine to eager decoding for
+a cool-down (doubling on each new failure), then the compiled step is tried again. Failures are
+counted per kind (`failures`) for /metrics. Every request taken off the queue is answered.
+
+Admission is bounded per step: one prefill takes rows while their prompt tokens and images fit
+`prefill_tokens` / `prefill_images` (a single row always fits: the API refuses prompts larger
+than the token budget). Rows that share an `encoded` object (the n answers of one request) are
+prefilled once and their KV cache copied.
+
 Models whose generation config sets logit rules (repetition penalty and the like, see
 `generate.plain_greedy_ok`) are served by `SequentialEngine`: one request at a time through
-`model.generate`, which applies those rules exactly.
+`model.generate`, which applies those rules exactly. Which engine serves a model is decided in
+one table, `llava.infer.engines.ENGINES`.
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +53,6 @@ from llava.infer.generate import (
     eos_ids,
     generate_batch,
     model_inputs,
-    plain_greedy_ok,
     safe_prefix_len,
     stream_generate,
 )
@@ -51,13 +64,30 @@ class EngineClosed(RuntimeError):
     """The engine was closed (its model was swapped out); submit to the current one."""
 
 
+# OpenAI's floor for a logprob: -inf has no JSON spelling.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class TextDelta:
+    """Text that became final, the completion tokens generated so far, and their logprobs (if asked)."""
+
+    text: str
+    completion_tokens: int
+    logprobs: list[dict[str, Any]] | None = None
+
+
 @dataclass(eq=False)
 class DecodeRequest:
     """One request for an engine. Callbacks run on the engine thread and must not block.
 
-    `encoded` is the processor's output for this prompt alone (batch of one); `on_text` (optional)
-    receives text deltas as they become final (a possible stop-string prefix is held back);
-    `on_done` receives the `GenerationResult` or the exception that ended the request.
+    `encoded` is the processor's output for this prompt alone (batch of one); requests that share
+    one `encoded` object are prefilled once. `on_text` (optional) receives `TextDelta`s as text
+    becomes final (a possible stop-string prefix is held back); the text of the last step is not
+    sent there but is part of the result. `on_done` receives the `GenerationResult` or the
+    exception that ended the request. `top_logprobs` None = no logprobs, k = logprobs with the k
+    most likely alternatives per token. `logit_bias` is added to the token's logit before choosing;
+    `min_tokens` forbids end-of-sequence before that many tokens.
     """
 
     prompt: PreparedPrompt
@@ -68,7 +98,10 @@ class DecodeRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    on_text: Callable[[str], None] | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    top_logprobs: int | None = None
+    on_text: Callable[[TextDelta], None] | None = None
     cancelled: bool = False  # set from any thread; the row leaves at the next step without an answer
     submitted: float = 0.0  # time.monotonic() when handed to the engine
     steps: int = 0  # decode steps this request took part in
@@ -78,6 +111,11 @@ class DecodeRequest:
     def prompt_tokens(self) -> int:
         return int(self.encoded["attention_mask"].sum())
 
+    @property
+    def plain(self) -> bool:
+        """Greedy with no logit rules and no logprobs: the batch-wide argmax is this row's token."""
+        return self.temperature <= 0 and not self.logit_bias and not self.min_tokens and self.top_logprobs is None
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -85,7 +123,10 @@ class DecodeRequest:
 class _EngineThread:
     """The thread, queue and lifecycle shared by both engines; subclasses implement `_step`."""
 
+    features: frozenset[str] = frozenset()  # optional request features beyond text, stop, sampling
+
     def __init__(self, name: str):
+        self.failures: Counter[str] = Counter()  # failures by kind, for /metrics
         self._pending: deque[DecodeRequest] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -141,9 +182,21 @@ class _EngineThread:
             try:
                 with torch.inference_mode():
                     self._step()
-            except Exception as err:  # the model failed: everyone in flight gets the error, the engine lives on
-                log.exception("decode step failed")
+            except Exception as err:  # what isolation did not contain: the step's rows get the error, the engine lives on
+                log.exception("engine step failed")
+                self.failures["step"] += 1
                 self._fail_all(err)
+
+    def _note_failure(self, kind: str, err: BaseException) -> None:
+        self.failures[kind] += 1
+        log.warning("%s failed (%s: %s)", kind, type(err).__name__, err)
+
+    def _answer(self, req: DecodeRequest, outcome: GenerationResult | BaseException) -> None:
+        """Deliver an outcome; a callback that raises must not take the engine or other rows with it."""
+        try:
+            req.on_done(outcome)
+        except Exception as err:
+            self._note_failure("callback", err)
 
     def _active(self) -> int:
         raise NotImplementedError
@@ -159,8 +212,11 @@ class _EngineThread:
 class _Row:
     req: DecodeRequest
     generator: torch.Generator | None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of logit_bias
     generated: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
     sent: int = 0  # characters already streamed
+    lp_sent: int = 0  # tokens whose logprobs were streamed
 
 
 def _left_pad(t: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
@@ -190,6 +246,10 @@ def _collate(encoded: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        # Non-finite logits (or a temperature the API should have refused): the most likely token
+        # is still well defined, a NaN distribution is not, and multinomial would throw.
+        return int(logits.argmax())
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
@@ -201,20 +261,31 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 class ContinuousEngine(_EngineThread):
     """Iteration-level batching over a shared, left-padded KV cache (see the module docstring)."""
 
+    features = frozenset({"logprobs", "logit_bias", "min_tokens"})
+    # Steps decoded eagerly after the compiled step first fails; doubles on each further failure.
+    COMPILED_COOLDOWN_STEPS = 256
+
     def __init__(self, model: Any, processor: Any, *, max_rows: int = 32, admit_wait_s: float = 0.0,
-                 compile_decode: bool = False):
-        if max_rows < 1:
-            raise ValueError("max_rows must be >= 1")
+                 compile_decode: bool = False, prefill_tokens: int = 16384, prefill_images: int = 64):
+        if max_rows < 1 or prefill_tokens < 1 or prefill_images < 1:
+            raise ValueError("max_rows, prefill_tokens and prefill_images must be >= 1")
         self.model = model
         self.admit_wait_s = admit_wait_s
         self.tokenizer = processor.tokenizer
         self.max_rows = max_rows
+        self.prefill_tokens = prefill_tokens
+        self.prefill_images = prefill_images
         self.eos = eos_ids(model, processor)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos or {0}))
         # Prefills run eagerly (they vary in shape and carry images); the decode step, which runs
         # once per generated token, can be compiled.
-        self.decode_fn = compiled_decode_step(model, self.pad_id) if compile_decode else model
+        compiled = compiled_decode_step(model, self.pad_id) if compile_decode else model
+        self.compiled_fn = compiled if compiled is not model else None
+        self._cooldown = self.COMPILED_COOLDOWN_STEPS
+        self._eager_until = 0  # step count before which decoding stays eager after a compiled failure
+        self._steps = 0
+        self._pieces: dict[int, str] = {}
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._attn: torch.Tensor | None = None  # [B, L] 1 = real token
@@ -226,19 +297,29 @@ class ContinuousEngine(_EngineThread):
     def _active(self) -> int:
         return len(self._rows)
 
+    @property
+    def decoding_eagerly(self) -> bool:
+        """Whether the next step runs eagerly although a compiled step exists (a failure's cool-down)."""
+        return self.compiled_fn is not None and self._steps < self._eager_until
+
     # ------------------------------------------------------------------------------------ one step
 
     def _step(self) -> None:
         self._drop_cancelled()
         if self._admission_due():
-            fresh = self._take_pending(self.max_rows - len(self._rows))
+            fresh = self._take_admissible()
             if fresh:
-                self._admit(fresh)
+                self._admit_isolated(fresh)
         if not self._rows:
             return
         tokens = self._choose_tokens()
         self.batch_sizes.append(len(self._rows))
-        keep = [i for i, (row, token) in enumerate(zip(self._rows, tokens, strict=True)) if not self._advance(row, token)]
+        keep = []
+        for i, (row, token) in enumerate(zip(self._rows, tokens, strict=True)):
+            if isinstance(token, BaseException):
+                self._answer(row.req, token)
+            elif not self._advance_isolated(row, token):
+                keep.append(i)
         if len(keep) < len(self._rows):
             self._select(keep)
             tokens = [tokens[i] for i in keep]
@@ -248,9 +329,31 @@ class ContinuousEngine(_EngineThread):
         self._attn = torch.cat([self._attn, self._attn.new_ones(len(self._rows), 1)], dim=1)
         self._pos = self._pos + 1
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device).unsqueeze(1)
-        out = self.decode_fn(input_ids=ids, attention_mask=self._attn, position_ids=self._pos,
-                             past_key_values=self._cache, use_cache=True)
-        self._logits = out.logits[:, -1]
+        self._logits = self._decode(ids)[:, -1]
+        self._steps += 1
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """One decode forward; on failure, cut what it appended to the cache and retry once eagerly."""
+        assert self._cache is not None
+        lengths = [layer.keys.shape[2] for layer in self._cache.layers]
+        compiled = self.compiled_fn is not None and not self.decoding_eagerly
+        fn = self.compiled_fn if compiled else self.model
+        try:
+            return self._forward(fn, ids)
+        except Exception as err:
+            self._note_failure("compiled_decode" if compiled else "decode", err)
+            if compiled:
+                self._eager_until = self._steps + self._cooldown
+                self._cooldown *= 2
+            for layer, length in zip(self._cache.layers, lengths, strict=True):
+                layer.keys = layer.keys[:, :, :length]
+                layer.values = layer.values[:, :, :length]
+            return self._forward(self.model, ids)  # a second failure fails this step's rows
+
+    def _forward(self, fn: Any, ids: torch.Tensor) -> torch.Tensor:
+        out = fn(input_ids=ids, attention_mask=self._attn, position_ids=self._pos, past_key_values=self._cache,
+                 use_cache=True)
+        return out.logits
 
     def _admission_due(self) -> bool:
         """Whether to prefill the waiting requests now or let them gather for a few more steps.
@@ -269,17 +372,74 @@ class ContinuousEngine(_EngineThread):
             return True
         return time.monotonic() - self._pending[0].submitted >= self.admit_wait_s
 
+    def _take_admissible(self) -> list[DecodeRequest]:
+        """Waiting requests, in order, while the batch has room and the prefill budget holds."""
+        taken: list[DecodeRequest] = []
+        seen: set[int] = set()
+        tokens = images = 0
+        with self._wake:
+            while self._pending and len(taken) < self.max_rows - len(self._rows):
+                req = self._pending[0]
+                if req.cancelled:
+                    self._pending.popleft()
+                    continue
+                fresh = id(req.encoded) not in seen  # the n answers of a request share one prefill
+                more_tokens = req.prompt_tokens if fresh else 0
+                more_images = len(req.prompt.images) if fresh else 0
+                if taken and (tokens + more_tokens > self.prefill_tokens or images + more_images > self.prefill_images):
+                    break
+                self._pending.popleft()
+                taken.append(req)
+                seen.add(id(req.encoded))
+                tokens += more_tokens
+                images += more_images
+        return taken
+
+    def _admit_isolated(self, requests: list[DecodeRequest]) -> None:
+        """Admit; if the prefill fails, retry each prompt alone once, so only a failing one is refused."""
+        try:
+            self._admit(requests)
+            return
+        except Exception as err:
+            self._note_failure("prefill", err)
+            groups: dict[int, list[DecodeRequest]] = {}
+            for req in requests:
+                groups.setdefault(id(req.encoded), []).append(req)
+            if len(groups) == 1:
+                for req in requests:
+                    self._answer(req, err)
+                return
+        for group in groups.values():
+            try:
+                self._admit(group)
+            except Exception as err:
+                self._note_failure("prefill", err)
+                for req in group:
+                    self._answer(req, err)
+
     def _admit(self, requests: list[DecodeRequest]) -> None:
-        """Prefill the new rows as one batch, then splice them into the running state."""
-        inputs = model_inputs(self.model, _collate([r.encoded for r in requests], self.pad_id))
+        """Prefill the new rows as one batch, then splice them into the running state.
+
+        Nothing of the running state changes until the prefill succeeded."""
+        rows = [self._new_row(r) for r in requests]  # a bad seed or bias fails here, before any compute
+        sources: dict[int, int] = {}
+        for r in requests:
+            sources.setdefault(id(r.encoded), len(sources))
+        unique = {id(r.encoded): r.encoded for r in requests}
+        inputs = model_inputs(self.model, _collate(list(unique.values()), self.pad_id))
         attn = inputs["attention_mask"]
         positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        rows = [_Row(r, self._generator(r)) for r in requests]
+        logits = out.logits[:, -1]
+        if len(unique) < len(requests):  # copy the shared prompts' cache to each of their rows
+            index = torch.tensor([sources[id(r.encoded)] for r in requests], device=attn.device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            attn, positions, logits = attn[index], positions[index], logits[index]
         if not self._rows:
             self._rows, self._cache, self._attn = rows, cache, attn
-            self._pos, self._logits = positions[:, -1:], out.logits[:, -1]
+            self._pos, self._logits = positions[:, -1:], logits
             return
         assert self._cache is not None and self._attn is not None and self._pos is not None
         assert self._logits is not None
@@ -289,8 +449,16 @@ class ContinuousEngine(_EngineThread):
             old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
         self._attn = torch.cat([_left_pad(self._attn, width), _left_pad(attn, width)])
         self._pos = torch.cat([self._pos, positions[:, -1:]])
-        self._logits = torch.cat([self._logits, out.logits[:, -1]])
+        self._logits = torch.cat([self._logits, logits])
         self._rows.extend(rows)
+
+    def _new_row(self, req: DecodeRequest) -> _Row:
+        bias = None
+        if req.logit_bias:
+            ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=self.model.device)
+            values = torch.tensor(list(req.logit_bias.values()), dtype=torch.float32, device=self.model.device)
+            bias = (ids, values)
+        return _Row(req, self._generator(req), bias, logprobs=[] if req.top_logprobs is not None else None)
 
     def _generator(self, req: DecodeRequest) -> torch.Generator | None:
         if req.temperature <= 0:
@@ -299,18 +467,65 @@ class ContinuousEngine(_EngineThread):
         # It lives where the logits do (multinomial refuses a CPU generator for CUDA tensors).
         g = torch.Generator(device=self.model.device)
         if req.seed is not None:
-            g.manual_seed(int(req.seed))
+            g.manual_seed(int(req.seed) % 2**64)  # torch's seeds are unsigned 64-bit; negatives map onto them
         else:
             g.seed()
         return g
 
-    def _choose_tokens(self) -> list[int]:
+    def _choose_tokens(self) -> list[int | BaseException]:
+        """The next token of every row; a row whose choice fails gets its exception instead."""
         assert self._logits is not None
-        tokens = self._logits.argmax(-1).tolist()
+        tokens: list[int | BaseException] = list(self._logits.argmax(-1).tolist())
         for i, row in enumerate(self._rows):
-            if row.generator is not None:
-                tokens[i] = _sample(self._logits[i], row.req.temperature, row.req.top_p, row.generator)
+            if row.req.plain:
+                continue
+            try:
+                tokens[i] = self._choose(row, self._logits[i])
+            except Exception as err:
+                self._note_failure("sampling", err)
+                tokens[i] = err
         return tokens
+
+    def _choose(self, row: _Row, logits: torch.Tensor) -> int:
+        req = row.req
+        scores = logits.float().clone()
+        raw = scores.clone() if row.logprobs is not None else None
+        if row.bias is not None:
+            scores.index_add_(0, *row.bias)
+        if len(row.generated) < req.min_tokens and self.eos:
+            scores[list(self.eos)] = float("-inf")
+        if row.generator is None:
+            token = int(scores.argmax())
+        else:
+            token = _sample(scores, req.temperature, req.top_p, row.generator)
+        if raw is not None and row.logprobs is not None:
+            row.logprobs.append(self._logprob_entry(torch.log_softmax(raw, dim=-1), token, req.top_logprobs or 0))
+        return token
+
+    def _piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.decode([token])
+        return self._pieces[token]
+
+    def _logprob_entry(self, logprobs: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+        def one(tok: int, value: float) -> dict[str, Any]:
+            piece = self._piece(tok)
+            return {"token": piece, "logprob": max(value, MIN_LOGPROB), "bytes": list(piece.encode("utf-8"))}
+
+        entry = one(token, float(logprobs[token]))
+        entry["top_logprobs"] = []
+        if top:
+            values, ids = logprobs.topk(min(top, logprobs.shape[0]))
+            entry["top_logprobs"] = [one(t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return entry
+
+    def _advance_isolated(self, row: _Row, token: int) -> bool:
+        try:
+            return self._advance(row, token)
+        except Exception as err:  # a callback or the tokenizer failed for this row: it leaves with the error
+            self._note_failure("row", err)
+            self._answer(row.req, err)
+            return True
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Append a token to a row; stream what became final; return True when the row is finished."""
@@ -326,21 +541,27 @@ class ContinuousEngine(_EngineThread):
             cut, hit = apply_stop(text, req.stops)
             if hit:
                 reason, text = FINISH_STOP, cut
-            if req.on_text is not None:
-                final = len(text) if (hit or reason or n >= req.max_new_tokens) else safe_prefix_len(text, req.stops)
-                if final and text[final - 1] == "\ufffd" and not reason and n < req.max_new_tokens:
-                    final -= 1  # a multi-byte character split across tokens: wait for its other bytes
-                if final > row.sent:
-                    req.on_text(text[row.sent:final])
-                    row.sent = final
         if reason is None and n >= req.max_new_tokens:
             reason = FINISH_LENGTH
         if reason is None:
+            if req.on_text is not None and text is not None:
+                self._stream(row, text, n)
             return False
         if text is None:
             text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-        req.on_done(GenerationResult(text, req.prompt_tokens, n, reason))
+        self._answer(req, GenerationResult(text, req.prompt_tokens, n, reason, row.logprobs))
         return True
+
+    def _stream(self, row: _Row, text: str, n: int) -> None:
+        assert row.req.on_text is not None
+        final = safe_prefix_len(text, row.req.stops)
+        if final and text[final - 1] == "\ufffd":
+            final -= 1  # a multi-byte character split across tokens: wait for its other bytes
+        if final > row.sent:
+            logprobs = row.logprobs[row.lp_sent:n] if row.logprobs is not None else None
+            row.req.on_text(TextDelta(text[row.sent:final], n, logprobs))
+            row.sent = final
+            row.lp_sent = n
 
     # ------------------------------------------------------------------------------------ state upkeep
 
@@ -366,13 +587,10 @@ class ContinuousEngine(_EngineThread):
         self._attn = self._attn[:, lead:]
 
     def _fail_all(self, err: BaseException) -> None:
-        if self.decode_fn is not self.model:
-            log.warning("a compiled decode step failed; decoding eagerly from now on")
-            self.decode_fn = self.model
         rows, self._rows = self._rows, []
         self._cache, self._attn, self._pos, self._logits = None, None, None, None
         for row in rows:
-            row.req.on_done(err)
+            self._answer(row.req, err)
 
 
 class SequentialEngine(_EngineThread):
@@ -403,7 +621,7 @@ class SequentialEngine(_EngineThread):
             result = self._stream(req)
         self._current = None
         if result is not None and not req.cancelled:
-            req.on_done(result)
+            self._answer(req, result)
 
     def _stream(self, req: DecodeRequest) -> GenerationResult | None:
         """Stream through `stream_generate`; None when the request was cancelled midway."""
@@ -411,14 +629,17 @@ class SequentialEngine(_EngineThread):
         events = stream_generate(self.model, self.processor, {"messages": []}, prompt=req.prompt,
                                  max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
                                  stop=req.stops, seed=req.seed, image_mode=self.image_mode)
-        text = []
+        # The latest delta is held back until the next one arrives: the last step's text travels with
+        # the result, as the continuous engine does. Delta counts stand in for token counts here.
+        text: list[str] = []
         try:
             for ev in events:
                 if req.cancelled:
                     return None
                 if ev.delta:
+                    if text:
+                        req.on_text(TextDelta(text[-1], len(text)))
                     text.append(ev.delta)
-                    req.on_text(ev.delta)
                 if ev.finish_reason is not None:
                     return GenerationResult("".join(text), ev.prompt_tokens, ev.completion_tokens, ev.finish_reason)
         finally:
@@ -427,7 +648,7 @@ class SequentialEngine(_EngineThread):
 
     def _fail_all(self, err: BaseException) -> None:
         if self._current is not None:
-            self._current.on_done(err)
+            self._answer(self._current, err)
             self._current = None
 
 
@@ -469,17 +690,7 @@ def _warm_up(model: Any, fn: Any, pad_id: int) -> None:
            use_cache=True)
 
 
-def make_engine(model: Any, processor: Any, *, max_rows: int, admit_wait_s: float = 0.0, compile_decode: bool = False,
-                image_mode: str = "pad") -> _EngineThread:
-    """The continuous engine when decoding is plain argmax/sampling, the sequential one otherwise."""
-    if plain_greedy_ok(model) and _full_attention(model):
-        return ContinuousEngine(model, processor, max_rows=max_rows, admit_wait_s=admit_wait_s,
-                                compile_decode=compile_decode)
-    log.info("model needs generate()'s logit rules or a sliding-window cache: serving one request at a time")
-    return SequentialEngine(model, processor, image_mode=image_mode)
-
-
-def _full_attention(model: Any) -> bool:
+def full_attention(model: Any) -> bool:
     """Splicing caches assumes every layer keeps all positions (no sliding window)."""
     cfg = model.config.get_text_config(decoder=True)
     types = getattr(cfg, "layer_types", None) or []

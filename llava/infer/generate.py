@@ -33,6 +33,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    logprobs: list[dict[str, Any]] | None = None  # per generated token, when asked for (OpenAI's shape)
 
 
 @dataclass
