@@ -31,16 +31,18 @@ import time
 from collections import Counter
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from llava.train.sample_index import INDEX_SCHEMA, MANIFEST_FORMAT
 from llava_platform import storage
 from llava_platform.config import ConfigError, StrictModel, config_digest, flatten, job_arguments, load_config
 
 log = logging.getLogger("jobs.preprocess")
-MANIFEST_FORMAT = "llava-processed-shards/v1"
+INDEX_FILE = "index.parquet"
 
 SHARD_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -62,6 +64,10 @@ class ImageRules(StrictModel):
     allowed_modes: list[str] = Field(default_factory=lambda: ["RGB", "RGBA", "L", "LA", "P"])
     mode_policy: Literal["convert", "reject"] = "convert"
     image_mode: Literal["pad", "resize"] = "pad"
+    # How prepared images are stored: JPEG is a few times smaller (benchmarks/README.md, Data at
+    # scale); PNG keeps them lossless.
+    store_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
 
 
 class MlflowSettings(StrictModel):
@@ -70,7 +76,8 @@ class MlflowSettings(StrictModel):
 
 
 class PreprocessConfig(StrictModel):
-    input: str
+    # A file, a list of files, or a folder/prefix of *.json / *.jsonl (or *.parquet) shards.
+    input: str | list[str]
     output: str
     input_format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
     image_root: str | None = None  # default: the directory holding the input file
@@ -78,6 +85,8 @@ class PreprocessConfig(StrictModel):
     template: Literal["plain", "vicuna_v1", "chatml"] = "vicuna_v1"
     max_length: int = Field(2048, ge=8)
     rows_per_shard: int = Field(1000, ge=1)
+    # Rows per Parquet row group: the unit a training worker reads to get one sample, so small.
+    row_group_rows: int = Field(16, ge=1)
     rejects_per_file: int = Field(10000, ge=1)
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=1)
@@ -195,14 +204,19 @@ class Encoder:
             return _reject_row(rid, err.reason, _without_bytes(record, inline))
         except RecordError as err:
             return _reject_row(rid, str(err), _without_bytes(record, inline))
-        pngs = []
-        for img in sample.images:
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        return {"id": sample.id, "input_ids": sample.input_ids, "labels": sample.labels, "images": pngs,
-                "num_images": len(pngs), "length": len(sample.input_ids), "modality": sample.modality,
+        stored = [encode_stored_image(img, self.cfg.images) for img in sample.images]
+        return {"id": sample.id, "input_ids": sample.input_ids, "labels": sample.labels, "images": stored,
+                "num_images": len(stored), "length": len(sample.input_ids), "modality": sample.modality,
                 "ok": True, "reason": "", "record": ""}
+
+
+def encode_stored_image(img: Any, rules: ImageRules) -> bytes:
+    buf = io.BytesIO()
+    if rules.store_format == "jpeg":
+        img.save(buf, format="JPEG", quality=rules.jpeg_quality)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def parse_raw(row: dict[str, Any]) -> tuple[Any, list[bytes] | None, str | None]:
@@ -262,40 +276,91 @@ def _local_processor(uri: str, filesystem: Any = None) -> str:
 
 
 # -- driver side -------------------------------------------------------------------------------
-def detect_format(cfg: PreprocessConfig) -> str:
-    if cfg.input_format != "auto":
-        return cfg.input_format
-    name = cfg.input.rstrip("/").lower()
-    if name.endswith(".jsonl"):
-        return "jsonl"
-    if name.endswith(".json"):
-        return "json"
-    return "parquet"
+FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def _suffix_format(uri: str) -> str | None:
+    name = uri.rstrip("/").lower()
+    return next((fmt for suffix, fmt in FORMAT_BY_SUFFIX.items() if name.endswith(suffix)), None)
+
+
+def input_files(cfg: PreprocessConfig) -> list[tuple[str, str]]:
+    """(URI, format) of every input file, in a deterministic order: a list in the order given, a
+    folder/prefix expanded to its *.json / *.jsonl / *.parquet files sorted by name. A file's format
+    is `input_format`, or its suffix under `auto` (Parquet when it has none)."""
+    entries = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
+    if not entries:
+        raise ConfigError("input: the list of input files is empty")
+    files: list[tuple[str, str]] = []
+    for entry in entries:
+        listed = storage.list_files(entry)
+        single = not listed if storage.is_s3(entry) else not storage.local_path(entry).is_dir()
+        if single:  # a file or object
+            if not storage.exists(entry):
+                raise ConfigError(f"input: {entry} does not exist")
+            fmt = cfg.input_format if cfg.input_format != "auto" else (_suffix_format(entry) or "parquet")
+            files.append((entry, fmt))
+            continue
+        shards = [u for u in listed if _suffix_format(u)]
+        if not shards:
+            raise ConfigError(f"input: {entry} holds no *.json, *.jsonl or *.parquet files")
+        files += [(u, cfg.input_format if cfg.input_format != "auto" else _suffix_format(u)) for u in shards]
+    kinds = {"parquet" if fmt == "parquet" else "records" for _, fmt in files}
+    if len(kinds) > 1:
+        raise ConfigError("input: mixes Parquet and JSON/JSONL files; pre-process them separately")
+    if len({storage.is_s3(u) for u, _ in files}) > 1:
+        raise ConfigError("input: mixes local files and s3:// objects")
+    return files
+
+
+def _common_dir(uris: list[str]) -> str:
+    """The deepest folder holding every input file (their images resolve from it by default)."""
+    scheme = storage.S3_SCHEME if storage.is_s3(uris[0]) else ""
+    paths = [u[len(scheme):] if scheme else str(storage.local_path(u).absolute()) for u in uris]
+    return scheme + posixpath.commonpath([posixpath.dirname(p.rstrip("/")) for p in paths])
 
 
 def build_dataset(cfg: PreprocessConfig) -> tuple[Any, Any, str | None]:
     """(ray dataset of raw rows, pyarrow filesystem, image root path inside it)."""
     import ray.data
 
-    fmt = detect_format(cfg)
-    fs, path = storage.pyarrow_filesystem(cfg.input)
-    root_uri = cfg.image_root if cfg.image_root is not None else cfg.input.rstrip("/").rsplit("/", 1)[0]
+    files = input_files(cfg)
+    uris = [u for u, _ in files]
+    fs = storage.pyarrow_filesystem(uris[0])[0]
+    paths = [storage.pyarrow_filesystem(u)[1] for u in uris]
+    root_uri = cfg.image_root if cfg.image_root is not None else _common_dir(uris)
     image_fs, image_root = storage.pyarrow_filesystem(root_uri)
-    if fmt == "json":
-        records = json.loads(storage.read_text(cfg.input))
-        if not isinstance(records, list):
-            raise ConfigError(f"{cfg.input}: a JSON input must hold a list of records")
-        items = [{"raw": json.dumps(r, ensure_ascii=False), "fallback_id": f"index-{i}"} for i, r in enumerate(records)]
-        blocks = max(1, min(-(-len(items) // (cfg.batch_size * 2)), 256))  # enough blocks to feed every actor
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
-    elif fmt == "jsonl":
-        ds = ray.data.read_text(path, filesystem=fs, drop_empty_lines=True)
-        ds = ds.map_batches(_jsonl_rows, batch_format="pyarrow")
-    else:
-        ds = ray.data.read_parquet(path, filesystem=fs)
+    formats = {fmt for _, fmt in files}
+    if formats == {"parquet"}:
+        ds = ray.data.read_parquet(paths, filesystem=fs)
         ds = ds.map_batches(_parquet_rows, batch_format="pyarrow")
         image_root = None if cfg.image_root is None else image_root
+    elif formats == {"jsonl"}:  # streamed: no file is read on the driver
+        ds = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
+        ds = ds.map_batches(_jsonl_rows, batch_format="pyarrow")
+    else:  # JSON lists are parsed on the driver (their records, not images, must fit in memory)
+        items = _driver_items(files)
+        blocks = max(1, min(-(-len(items) // (cfg.batch_size * 2)), 256))  # enough blocks to feed every actor
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
     return ds, image_fs, image_root
+
+
+def _driver_items(files: list[tuple[str, str]]) -> list[dict[str, str]]:
+    items = []
+    for uri, fmt in files:
+        text = storage.read_text(uri)
+        # Fallback ids for records without one name the file when there are several.
+        prefix = f"{uri.rsplit('/', 1)[-1]}:" if len(files) > 1 else ""
+        if fmt == "json":
+            records = json.loads(text)
+            if not isinstance(records, list):
+                raise ConfigError(f"{uri}: a JSON input must hold a list of records")
+            items += [{"raw": json.dumps(r, ensure_ascii=False), "fallback_id": f"{prefix}index-{i}"}
+                      for i, r in enumerate(records)]
+        else:
+            lines = [line for line in text.splitlines() if line.strip()]
+            items += _jsonl_rows(pa.table({"text": lines})).to_pylist()
+    return items
 
 
 def _jsonl_rows(batch: pa.Table) -> pa.Table:
@@ -314,14 +379,17 @@ def _parquet_rows(batch: pa.Table) -> pa.Table:
 
 
 class ShardWriter:
-    """Writes rows in order into fixed-size Parquet shards with deterministic names."""
+    """Writes rows in order into fixed-size Parquet shards with deterministic names, in row groups
+    of `row_group_rows`, and keeps the index entry of every row (a few columns, Arrow-compact)."""
 
-    def __init__(self, output: str, rows_per_shard: int):
+    def __init__(self, output: str, rows_per_shard: int, row_group_rows: int = 16):
         self.output = output
         self.rows_per_shard = rows_per_shard
+        self.row_group_rows = row_group_rows
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.shards: list[dict[str, Any]] = []
+        self.index_parts: list[pa.Table] = []
 
     def add(self, table: pa.Table) -> None:
         while table.num_rows:
@@ -337,8 +405,9 @@ class ShardWriter:
             return
         table = pa.concat_tables(self.buffer).combine_chunks()
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", row_group_size=self.row_group_rows)
         data = sink.getvalue().to_pybytes()
+        self.index_parts.append(self._index_part(table, len(self.shards)))
         name = f"shards/shard-{len(self.shards):05d}.parquet"
         storage.write_bytes(storage.join(self.output, name), data)
         modality = Counter(table.column("modality").to_pylist())
@@ -347,6 +416,31 @@ class ShardWriter:
                             "tokens": int(pc.sum(table.column("length")).as_py() or 0),
                             "modality": dict(sorted(modality.items()))})
         self.buffer, self.buffered = [], 0
+
+    def _index_part(self, table: pa.Table, shard: int) -> pa.Table:
+        rows = np.arange(table.num_rows, dtype=np.int32)
+        return pa.table({
+            "id": table.column("id"),
+            "shard": pa.array(np.full(table.num_rows, shard, dtype=np.int32)),
+            "row_group": pa.array(rows // self.row_group_rows),
+            "row": pa.array(rows % self.row_group_rows),
+            "length": table.column("length"),
+            "modality": table.column("modality"),
+            "n_images": table.column("num_images").cast(pa.int16()),
+        }, schema=INDEX_SCHEMA)
+
+    def write_index(self) -> dict[str, Any]:
+        """`index.parquet`: one row per written sample, sorted by id: the order training positions
+        refer to, the same whatever order the shards were written in."""
+        parts = self.index_parts or [INDEX_SCHEMA.empty_table()]
+        table = pa.concat_tables(parts).combine_chunks()
+        table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        storage.write_bytes(storage.join(self.output, INDEX_FILE), data)
+        return {"path": INDEX_FILE, "rows": table.num_rows, "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), "order": "id"}
 
 
 def _remove_stale(output: str, folder: str, keep: set[str]) -> None:
@@ -405,7 +499,8 @@ def consume(encoded: Any, cfg: PreprocessConfig, shards: ShardWriter, rejects: R
     return total
 
 
-def build_manifest(cfg: PreprocessConfig, total: int, shards: ShardWriter, rejects: RejectWriter) -> dict[str, Any]:
+def build_manifest(cfg: PreprocessConfig, total: int, shards: ShardWriter, rejects: RejectWriter,
+                   index: dict[str, Any], image_tokens: int) -> dict[str, Any]:
     written = sum(s["rows"] for s in shards.shards)
     modality: Counter = Counter()
     for shard in shards.shards:
@@ -417,6 +512,12 @@ def build_manifest(cfg: PreprocessConfig, total: int, shards: ShardWriter, rejec
         "rejects_by_reason": dict(sorted(rejects.reasons.items())),
         "reject_files": rejects.files,
         "shards": shards.shards,
+        "index": index,
+        "row_group_rows": cfg.row_group_rows,
+        # What the token ids were made for: training checks its config against this.
+        "dataset": {"template": cfg.template, "image_mode": cfg.images.image_mode,
+                    "image_tokens_per_image": image_tokens, "max_length": cfg.max_length,
+                    "image_format": cfg.images.store_format},
         "modality": dict(sorted(modality.items())),
         "total_tokens": sum(s["tokens"] for s in shards.shards),
         "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
@@ -425,10 +526,24 @@ def build_manifest(cfg: PreprocessConfig, total: int, shards: ShardWriter, rejec
     }
 
 
+def check_preprocess_inputs(cfg: PreprocessConfig) -> None:
+    """On the driver, before Ray starts: the inputs, the image root and the processor exist (a
+    missing processor otherwise fails minutes later inside Ray Data with a Hugging Face hub error)."""
+    from llava_platform import preflight
+
+    input_files(cfg)
+    try:
+        preflight.require_path(cfg.image_root, "image_root")
+        preflight.require_model_dir(cfg.processor, "processor")
+    except preflight.InputError as err:
+        raise ConfigError(str(err)) from None
+
+
 def run(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
     """Execute the pipeline; returns (manifest, whether it passed the reject limit)."""
     import ray
 
+    check_preprocess_inputs(cfg)
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
@@ -454,18 +569,25 @@ def _execute(cfg: PreprocessConfig) -> tuple[dict[str, Any], bool]:
                                         "image_root": image_root,
                                         "processor_fs": storage.pyarrow_filesystem(cfg.processor)[0]},
                              compute=ray.data.TaskPoolStrategy(size=cfg.num_workers), num_cpus=cfg.worker_cpus)
-    shards = ShardWriter(cfg.output, cfg.rows_per_shard)
+    shards = ShardWriter(cfg.output, cfg.rows_per_shard, cfg.row_group_rows)
     rejects = RejectWriter(cfg.output, cfg.rejects_per_file)
     total = consume(encoded, cfg, shards, rejects)
+    index = shards.write_index()
     _remove_stale(cfg.output, "shards", {s["path"] for s in shards.shards})
     _remove_stale(cfg.output, "rejects", set(rejects.files))
-    manifest = build_manifest(cfg, total, shards, rejects)
+    manifest = build_manifest(cfg, total, shards, rejects, index, _image_tokens(cfg))
     passed = manifest["reject_fraction"] <= cfg.max_reject_fraction
     if passed:
         storage.write_text(manifest_uri, json.dumps(manifest, indent=1, sort_keys=True))
     manifest["elapsed_s"] = round(time.monotonic() - start, 3)
     _log_mlflow(cfg, manifest, passed)
     return manifest, passed
+
+
+def _image_tokens(cfg: PreprocessConfig) -> int:
+    from llava.data.encode import image_token_count
+
+    return image_token_count(cached_processor(cfg.processor, storage.pyarrow_filesystem(cfg.processor)[0]))
 
 
 def _log_mlflow(cfg: PreprocessConfig, manifest: dict[str, Any], passed: bool) -> None:

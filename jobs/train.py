@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs.processed_data import ProcessedDataError, read_manifest
 from jobs.train_config import TrainConfig, with_absolute_paths
 from llava_platform import storage, tracking
 from llava_platform.config import ConfigError, job_arguments, load_config
@@ -78,28 +79,37 @@ def _run_config(cfg: TrainConfig):
     )
 
 
-def processed_dataset(uri: str):
-    """The Ray Data dataset of pre-processed shards (`<uri>/shards/*.parquet`, see
-    docs/data-formats.md). The manifest is written last by a passing pre-processing run, so its
-    absence means the shards are incomplete or failed the reject limit."""
-    import ray.data
+def check_training_data(cfg: TrainConfig) -> int:
+    """On the driver, before Ray starts: the data exists and fills at least one global batch.
+    Returns the number of samples (processed: written by pre-processing; records: before rejects,
+    which the workers count again after encoding)."""
+    from llava.data.records import parse_records
+    from llava.train.dataset import check_fits_global_batch
 
-    if not storage.exists(storage.join(uri, "manifest.json")):
-        raise FileNotFoundError(f"{uri}: no manifest.json; run `llavactl data preprocess` to completion first")
-    fs, path = storage.pyarrow_filesystem(storage.join(uri, "shards"))
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "images", "modality"])
-    # Read before the workers take their CPUs: on a cluster whose CPUs all go to training workers,
-    # read tasks scheduled later would wait forever.
-    return ds.materialize()
+    if cfg.data.processed:
+        try:
+            count = read_manifest(cfg.data.processed)["counts"]["written"]
+        except ProcessedDataError as err:
+            raise ConfigError(f"data.processed: {err}") from None
+    else:
+        if not storage.exists(cfg.data.records):
+            raise ConfigError(f"data.records: {cfg.data.records} does not exist")
+        count = len(parse_records(storage.read_text(cfg.data.records), cfg.data.records))
+    try:
+        check_fits_global_batch(count, cfg.optim.global_batch)
+    except ValueError as err:
+        raise ConfigError(f"optim.global_batch: {err}") from None
+    return count
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
-    from ray.train import DataConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.train_worker import train_loop
 
     cfg = with_absolute_paths(cfg)
+    check_training_data(cfg)
     tracking.configure(cfg.tracking.tracking_uri)
     run_name = cfg.tracking.run_name or f"{cfg.name}-stage{cfg.stage}"
     run_id = tracking.start_job_run(cfg.tracking.experiment, run_name, f"stage{cfg.stage}", cfg.tracking.parent_run_id)
@@ -117,8 +127,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                            "tracking_uri": tracking.configure()},
         scaling_config=scaling,
         run_config=_run_config(cfg),
-        datasets={"train": processed_dataset(cfg.data.processed)} if cfg.data.processed else None,
-        dataset_config=DataConfig(datasets_to_split=[]),
     )
     try:
         result = trainer.fit()

@@ -30,6 +30,12 @@ class DataSection(StrictModel):
     group_by_modality_length: bool = True
     packing: bool = False
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    # DataLoader processes per training worker that read rows, decode images and collate ahead of
+    # the step (0: in the training process itself); each keeps `prefetch_batches` micro-batches ready.
+    loader_workers: int = Field(2, ge=0)
+    prefetch_batches: int = Field(2, ge=1)
+    sample_trace: str | None = Field(None, description="local folder: each rank appends its per-step sample "
+                                                       "ids (rank-N.jsonl), for debugging and resume checks")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -103,7 +109,7 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     m["vision"] = _absolute(m["vision"], must_exist=True)
     m["language_model"] = _absolute(m["language_model"], must_exist=True)
     m["init_from"] = _absolute(m["init_from"])
-    for key in ("records", "image_root", "processed"):
+    for key in ("records", "image_root", "processed", "sample_trace"):
         d[key] = _absolute(d[key])
     data["checkpoint"]["storage"] = _absolute(data["checkpoint"]["storage"])
     data["checkpoint"]["resume_from"] = _absolute(data["checkpoint"]["resume_from"])

@@ -7,6 +7,7 @@ One optimizer step consumes one global batch (micro_batch x accumulation x world
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -18,19 +19,27 @@ import numpy as np
 import ray.train
 import torch
 
+from jobs.processed_data import open_processed
 from jobs.train_config import TrainConfig
 from llava.data.records import parse_records
 from llava.data.templates import get_template
 from llava.model.builder import build_llava, save_llava
 from llava.model.freezing import TrainableParts, apply_freezing, describe_trainable
-from llava.train.dataset import TrainSample, encode_records, epoch_order, from_rows, micro_batches_for_rank
+from llava.train.dataset import TrainSample, check_fits_global_batch
 from llava.train.deepspeed_config import BatchPlan, deepspeed_config
 from llava.train.grad_norm import global_grad_norm
+from llava.train.loader import (
+    CollateMicroBatch,
+    EncodedRecords,
+    RankSchedule,
+    encode_records_index,
+    micro_batch_loader,
+)
 from llava.train.optim import build_optimizer, build_scheduler
 from llava.train.packing import (
+    PackingError,
     attention_break_even,
     attention_implementation,
-    build_micro_batch,
     check_packable,
     expected_bos,
 )
@@ -76,23 +85,54 @@ def _load_model(cfg: TrainConfig):
                        feature_select=m.feature_select, template=cfg.data.template)
 
 
-def _load_samples(cfg: TrainConfig, processor, ctx: WorkerContext) -> list[TrainSample]:
+def _data_source(cfg: TrainConfig, processor, ctx: WorkerContext):
+    """The training set as this worker holds it: the sample index resident, samples read by
+    position (`llava.train.loader`). Processed shards: the index from the manifest's folder, rows
+    from its shard files; a records file: tokenized here, images opened per sample."""
     d = cfg.data
     if d.processed:
-        # Every worker reads the whole (unsplit) Ray Data dataset and shards by rank itself, in a
-        # fixed order: random access by position is what makes resume exact.
-        rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: str(r["id"]))
-        return from_rows(rows)
+        return open_processed(d.processed)
     records = parse_records(storage.read_text(d.records), d.records)
-    samples, rejected = encode_records(records, processor, d.template, max_length=d.max_length,
-                                       image_root=d.image_root, image_mode=d.image_mode)
+    source, rejected = encode_records_index(records, processor, d.template, max_length=d.max_length,
+                                            image_root=d.image_root, image_mode=d.image_mode)
     if rejected:
         _say(ctx, f"rejected {len(rejected)} of {len(records)} records: "
                   + "; ".join(f"{r.id}: {r.reason}" for r in rejected[:5]))
     if len(rejected) > d.max_reject_fraction * max(1, len(records)):
         raise ValueError(f"{len(rejected)} of {len(records)} records rejected, above data.max_reject_fraction "
                          f"{d.max_reject_fraction}; first: {rejected[0].id}: {rejected[0].reason}")
-    return samples
+    return source
+
+
+def _check_packable(data, max_length: int, bos_id: int | None) -> None:
+    """Lengths are checked from the index; a records file's tokens are resident, so its samples are
+    checked whole (processed rows are checked as their micro-batches are packed)."""
+    too_long = int((data.index.lengths > max_length).sum())
+    if too_long:
+        raise PackingError(f"too_long: {too_long} of {len(data.index)} samples exceed max_length {max_length}")
+    if isinstance(data, EncodedRecords):
+        check_packable([TrainSample(data.ids[i], data.tokens[data.offsets[i]:data.offsets[i + 1]],
+                                    data.labels[data.offsets[i]:data.offsets[i + 1]]) for i in range(len(data.ids))],
+                       max_length=max_length, bos_token_id=bos_id)
+
+
+def _micro_batch_loader(cfg: TrainConfig, data, plan: BatchPlan, ctx: WorkerContext, start: int, total: int,
+                        per_epoch: int, collate: CollateMicroBatch):
+    """This rank's micro-batches from step `start` on, read and collated by DataLoader workers."""
+    schedule = RankSchedule(data.index, seed=cfg.seed, group_by_modality_length=cfg.data.group_by_modality_length,
+                            global_batch=plan.global_batch, micro_batch=plan.micro_batch, rank=ctx.rank,
+                            world_size=ctx.world_size, start=start, total=total, per_epoch=per_epoch)
+    return micro_batch_loader(data, schedule, collate, workers=cfg.data.loader_workers,
+                              prefetch=cfg.data.prefetch_batches)
+
+
+def _trace_samples(cfg: TrainConfig, ctx: WorkerContext, step: int, ids: list[str]) -> None:
+    """`data.sample_trace`: append this rank's sample ids of `step` (what resume tests compare)."""
+    if cfg.data.sample_trace:
+        path = storage.local_path(cfg.data.sample_trace) / f"rank-{ctx.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as out:
+            out.write(json.dumps({"step": step, "rank": ctx.rank, "world_size": ctx.world_size, "ids": ids}) + "\n")
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -224,9 +264,10 @@ def train_loop(config: dict) -> None:
     _say(ctx, f"stage {cfg.stage}: {describe_trainable(counts, model)}")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    samples = _load_samples(cfg, processor, ctx)
-    per_epoch, total = _total_steps(cfg, len(samples))
+    data = _data_source(cfg, processor, ctx)
+    per_epoch, total = _total_steps(cfg, len(data.index))
     plan = BatchPlan(cfg.optim.global_batch, cfg.optim.micro_batch, ctx.world_size)
+    check_fits_global_batch(len(data.index), plan.global_batch)
     precision = _precision(cfg)
     if precision == "bf16" and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -241,18 +282,18 @@ def train_loop(config: dict) -> None:
     start = position.step if position else 0
     if ctx.lead and ctx.run_id:
         if start == 0:  # params are write-once in MLflow; a restarted worker group must not re-log them
-            tracking.log_params(ctx.run_id, {"trainable": counts, "total_steps": total, "samples": len(samples),
+            tracking.log_params(ctx.run_id, {"trainable": counts, "total_steps": total, "samples": len(data.index),
                                              "accumulation": plan.accumulation, "world_size": ctx.world_size})
         else:
             tracking.log_metrics(ctx.run_id, {"resumed_at_step": start}, step=start,
                                  timestamp_ms=int(time.time() * 1000))
-    _say(ctx, f"stage {cfg.stage}: {len(samples)} samples, {total} steps of {plan.global_batch} "
+    _say(ctx, f"stage {cfg.stage}: {len(data.index)} samples, {total} steps of {plan.global_batch} "
               f"({plan.micro_batch} x {plan.accumulation} accumulation x {ctx.world_size} workers), "
               f"ZeRO-{cfg.distributed.zero_stage}, {precision}" + (f", resuming at step {start}" if start else ""))
     monitor = _system_metrics(ctx, start)
     metrics_out = tracking.MetricBuffer(ctx.run_id) if ctx.lead and ctx.run_id else None
     try:
-        _run_steps(cfg, engine, scheduler, processor, samples, plan, ctx, start, per_epoch, total, precision,
+        _run_steps(cfg, engine, scheduler, processor, data, plan, ctx, start, per_epoch, total, precision,
                    metrics_out)
     finally:
         if metrics_out is not None:
@@ -276,7 +317,7 @@ def _system_metrics(ctx: WorkerContext, start: int):
     return monitor
 
 
-def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ctx: WorkerContext, start: int,
+def _run_steps(cfg: TrainConfig, engine, scheduler, processor, data, plan, ctx: WorkerContext, start: int,
                per_epoch: int, total: int, precision: str, metrics_out: tracking.MetricBuffer | None) -> None:
     model = engine.module
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -287,31 +328,30 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ct
     bos_id, attn = expected_bos(processor.tokenizer), attention_implementation(model)
     break_even = attention_break_even(model)  # masked (non-flash) rows: padding vs quadratic attention
     if cfg.data.packing:
-        check_packable(samples, max_length=cfg.data.max_length, bos_token_id=bos_id)
+        _check_packable(data, cfg.data.max_length, bos_id)
         _say(ctx, f"stage {cfg.stage}: packing micro-batches into rows of {cfg.data.max_length} ({attn} attention)")
-    t_start, orders = time.time(), {}
+    collate = CollateMicroBatch(packing=cfg.data.packing, pad_id=pad_id, image_processor=processor.image_processor,
+                                max_length=cfg.data.max_length, attn_implementation=attn, bos_token_id=bos_id,
+                                mask_dtype=dtype, break_even_width=break_even)
+    batches = iter(_micro_batch_loader(cfg, data, plan, ctx, start, total, per_epoch, collate))
+    t_start = time.time()
     # A step's time runs from the end of the previous one: data selection, collation, logging and
     # checkpoints all count, as they do in any throughput seen from outside the loop.
     step_end = time.perf_counter()
     last = start
     for step in range(start, total):
         epoch, in_epoch = divmod(step, per_epoch)
-        if epoch not in orders:
-            orders = {epoch: epoch_order(samples, seed=cfg.seed, epoch=epoch, global_batch=plan.global_batch,
-                                         group_by_modality_length=cfg.data.group_by_modality_length)}
-        micros = micro_batches_for_rank(orders[epoch], in_epoch, global_batch=plan.global_batch,
-                                        micro_batch=plan.micro_batch, rank=ctx.rank, world_size=ctx.world_size)
+        data_wait, step_ids = 0.0, []
         losses, pads, tokens, n = [], [], 0, 0
         loop_norm = None
-        for idx in micros:
-            chosen = [samples[i].decoded() for i in idx]
-            micro = build_micro_batch(chosen, packing=cfg.data.packing, pad_id=pad_id,
-                                      image_processor=processor.image_processor, max_length=cfg.data.max_length,
-                                      attn_implementation=attn, bos_token_id=bos_id, mask_dtype=dtype,
-                                      break_even_width=break_even)
+        for _ in range(plan.accumulation):
+            waited = time.perf_counter()
+            micro, ids = next(batches)  # this rank's next micro-batch, read and collated ahead
+            data_wait += time.perf_counter() - waited
+            step_ids += ids
             pads.append(micro.padding_fraction)
             tokens += micro.real_tokens
-            n += len(chosen)
+            n += len(ids)
             # No KV cache in training: the forward would otherwise build one per layer for nothing.
             out = engine(**_to_device(micro.inputs, ctx.device, dtype), use_cache=False)
             engine.backward(out.loss)
@@ -321,8 +361,11 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, samples, plan, ct
             losses.append(out.loss.detach())
         now = time.perf_counter()
         metrics = _step_metrics(losses, tokens, n, pads, now - step_end, engine, scheduler, loop_norm)
+        metrics["data_wait_s"] = data_wait
+        metrics["data_wait_fraction"] = data_wait / (now - step_end)
         step_end = now
         last = step + 1
+        _trace_samples(cfg, ctx, last, step_ids)
         if ctx.lead:
             eta = (time.time() - t_start) / (last - start) * (total - last)
             print(f"stage {cfg.stage} step {last}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "

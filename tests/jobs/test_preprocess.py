@@ -86,7 +86,7 @@ def _read_rejects(out: str) -> list[dict]:
 
 def _args(out: str, inp: str, processor: Path | str, *extra: str) -> list[str]:
     return ["--config", "jobs/configs/preprocess_stage2.yaml", f"input={inp}", f"output={out}",
-            f"processor={processor}", "max_length=256", "images.max_pixels=10000", "rows_per_shard=5",
+            f"processor={processor}", "max_length=256", "images.max_pixels=10000", "rows_per_shard=5", "row_group_rows=2",
             "batch_size=4", "num_workers=1", "max_reject_fraction=0.6", *extra]
 
 
@@ -102,7 +102,7 @@ def _check_output(out: str, good_ids: set[str], reasons: dict[str, str], duplica
         assert row["num_images"] == len(row["images"]) == (0 if row["modality"] == "text" else 1)
         for blob in row["images"]:
             image = Image.open(io.BytesIO(blob))
-            assert image.format == "PNG" and image.mode == "RGB" and image.size == size
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size == size
     assert {r["modality"] for r in table.to_pylist()} == {"image", "text"}
     rejects = _read_rejects(out)
     got = {}
@@ -121,7 +121,22 @@ def _check_output(out: str, good_ids: set[str], reasons: dict[str, str], duplica
         expected_reasons[code] = expected_reasons.get(code, 0) + 1
     assert manifest["rejects_by_reason"] == expected_reasons
     assert [s["rows"] for s in manifest["shards"]] == [5] * (len(good_ids) // 5) + ([len(good_ids) % 5] if len(good_ids) % 5 else [])
+    _check_index(out, manifest, table)
     return manifest
+
+
+def _check_index(out: str, manifest: dict, table: pa.Table) -> None:
+    """The index addresses every written row: reading shard/row group/row gives back that sample."""
+    index = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out, manifest["index"]["path"]))))
+    assert index.column("id").to_pylist() == sorted(table.column("id").to_pylist())
+    assert manifest["dataset"]["template"] == "vicuna_v1" and manifest["dataset"]["image_tokens_per_image"] > 0
+    for entry in index.to_pylist():
+        shard = pq.ParquetFile(pa.BufferReader(storage.read_bytes(
+            storage.join(out, manifest["shards"][entry["shard"]]["path"]))))
+        assert shard.metadata.row_group(entry["row_group"]).num_rows <= manifest["row_group_rows"]
+        row = shard.read_row_group(entry["row_group"]).slice(entry["row"], 1).to_pylist()[0]
+        assert (row["id"], row["length"], row["modality"], row["num_images"]) == (
+            entry["id"], entry["length"], entry["modality"], entry["n_images"])
 
 
 def test_mixed_dataset_over_s3_twice(ray_local, tiny_llava_dir, tiny_processor, s3_bucket, tmp_path, capsys):
