@@ -1,6 +1,6 @@
 """Evaluate a llava-hf model: shapes exact match, ScienceQA-format multiple choice, optional judge.
 
-    python -m jobs.evaluate --config jobs/configs/evaluate_shapes.yaml model=models:/llava@candidate
+    python -m jobs.evaluate --config jobs/configs/evaluate_shapes.yaml model=models:/llava-tiny@candidate
 
 `model` is a local directory, `runs:/<id>/model`, `models:/<name>@<alias>` / `models:/<name>/<v>`
 or `s3://...` (resolved and cached by `llava_platform.model_uri`), or `pipeline:stage2`: the model
@@ -8,9 +8,12 @@ the stage-2 job of this pipeline logged (LLAVA_PIPELINE_ID; how the Kubernetes o
 written by `llava.data.synthetic` under `data_dir` (local or s3://):
 `eval/shapes_qa.jsonl`, `eval/scienceqa.jsonl` and, for the judge, `eval/captions.jsonl`.
 
-Writes `results.json`, `report.md` and `chart.png` to `output_dir`, logs them with the flat metrics
-to an MLflow run (phase `evaluate`, tagged with the evaluated model), and when the model is a
-registry version also records the metrics on that version, where the promotion gate reads them.
+Writes `results.json`, `report.md` and `chart.png` to a new folder of its own under `output_dir`
+(`<UTC time>-<model>-<run>`: no evaluation overwrites another's), logs them with the flat metrics to
+an MLflow run (phase `evaluate`, tagged with the evaluated model), and, only when asked
+(`tracking.record_on_version=true`, `llavactl eval --record`) and only for a whole evaluation (no
+`limit`), records the metrics on the registry version, where the promotion gate reads them. The
+pipeline's own evaluation reaches the version through `jobs.promote` (`metrics.eval_run_id`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from pydantic import Field
 
-from llava_platform import storage
+from llava_platform import preflight, storage
 from llava_platform.config import ConfigError, StrictModel, job_arguments, load_config
 from llava_platform.judge_client import JudgeError, JudgeSettings
 from llava_platform.model_uri import ModelURIError
@@ -55,7 +58,10 @@ class TrackingConfig(StrictModel):
     experiment: str = "llava"
     artifact_location: str | None = None  # None: beside a sqlite store, else the server's default
     run_name: str | None = None
-    record_on_version: bool = True  # models:/ URIs: copy metrics onto the registry version
+    # models:/ URIs: copy the metrics onto the registry version, where the promotion gate reads them.
+    # Off unless asked (`llavactl eval --record`): a quick look must not rewrite the gate's evidence.
+    # A partial evaluation (a shapes/scienceqa `limit`) is refused for recording.
+    record_on_version: bool = False
 
 
 class EvaluateConfig(StrictModel):
@@ -268,12 +274,20 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
             uri = bench.path or storage.join(cfg.data_dir, DEFAULT_FILES[name])
             if not storage.exists(uri):
                 raise ConfigError(f"{name}: evaluation file {uri} does not exist")
+    check_recording(cfg)
+    if "://" not in cfg.model and not cfg.model.startswith(("runs:/", "models:/", PIPELINE_PREFIX)):
+        try:
+            preflight.require_model_dir(cfg.model, "model")
+        except preflight.InputError as err:
+            raise ConfigError(str(err)) from None
     model_info = identify_model(cfg)
     run_id = start_eval_run(cfg, model_info) if cfg.tracking.enabled else None
     try:
         results = _evaluate(cfg, model_info)
         results["eval_run_id"] = run_id
-        out_dir = _write_outputs(cfg, results)
+        out_dir = evaluation_folder(cfg, model_info, run_id)
+        results["output_dir"] = str(out_dir)
+        _write_outputs(out_dir, results)
         if run_id:
             finish_eval_run(cfg, run_id, model_info, results["metrics"], out_dir)
     except BaseException:
@@ -313,11 +327,41 @@ def _evaluate(cfg: EvaluateConfig, model_info: dict[str, Any]) -> dict[str, Any]
     return results
 
 
-def _write_outputs(cfg: EvaluateConfig, results: dict[str, Any]) -> Path:
+def partial_limits(cfg: EvaluateConfig) -> list[str]:
+    """The limits that make this a partial evaluation (`shapes.limit=5`). `bench.limit` is the
+    benchmark's own size (30 images, as LLaVA-Bench COCO), not a cut."""
+    return [f"{name}.limit={getattr(cfg, name).limit}" for name in ("shapes", "scienceqa")
+            if getattr(cfg, name).enabled and getattr(cfg, name).limit]
+
+
+def check_recording(cfg: EvaluateConfig) -> None:
+    """Only a whole evaluation may become a version's recorded metrics (what the gate compares)."""
+    if cfg.tracking.record_on_version and partial_limits(cfg):
+        raise ConfigError(f"tracking.record_on_version: a partial evaluation ({', '.join(partial_limits(cfg))}) is "
+                          "never recorded on a registry version; drop the limit or the recording")
+
+
+def evaluation_folder(cfg: EvaluateConfig, model_info: dict[str, Any], run_id: str | None) -> Path:
+    """A new folder under output_dir for this evaluation alone (UTC time, model, run), so no
+    evaluation overwrites another's report; names sort by time."""
+    label = f"{model_info['name']}-v{model_info['version']}" if model_info.get("version") else Path(cfg.model).name
+    label = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in label)[:80]
+    stem = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{label}" + (f"-{run_id[:8]}" if run_id else "")
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = root / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ConfigError(f"output_dir: cannot create a new evaluation folder under {root}")
+
+
+def _write_outputs(out_dir: Path, results: dict[str, Any]) -> Path:
     from llava.eval.report import markdown_report, render_chart
 
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out_dir / "report.md").write_text(markdown_report(results))
     render_chart(results, out_dir / "chart.png")
@@ -335,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobs.evaluate: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"model": cfg.model, "metrics": results["metrics"], "eval_run_id": results.get("eval_run_id"),
-                      "output_dir": cfg.output_dir}, indent=2))
+                      "output_dir": results["output_dir"]}, indent=2))
     return 0
 
 

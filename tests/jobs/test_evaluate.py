@@ -7,6 +7,7 @@ and the metrics reach the MLflow run and the registry version where the gate rea
 
 from __future__ import annotations
 
+import argparse
 import json
 import uuid
 from pathlib import Path
@@ -37,7 +38,8 @@ def _judge_reply(messages):
     return "8, 2\nThe reference is right."
 
 
-def test_evaluate_registry_model_with_judge(mlflow_sqlite, tiny_llava_dir, shapes_data, tmp_path, monkeypatch):
+def test_evaluate_registry_model_with_judge(mlflow_sqlite, tiny_llava_dir, shapes_data, tmp_path, monkeypatch,
+                                            capsys):
     from jobs.evaluate import main as evaluate_main
 
     monkeypatch.chdir(tmp_path)
@@ -54,9 +56,10 @@ def test_evaluate_registry_model_with_judge(mlflow_sqlite, tiny_llava_dir, shape
             f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}", f"tracking.tracking_uri={mlflow_sqlite.tracking_uri}",
             "judge.enabled=true", f"judge.base_url={server.base_url}", "judge.api_key_env=JUDGE_TEST_KEY",
             "judge.model=loopback-judge", "judge.backoff_base_s=0", "generation.batch_size=4",
-            "bench.max_new_tokens=12",
+            "bench.max_new_tokens=12", "tracking.record_on_version=true",
         ])
     assert code == 0
+    (out,) = out.iterdir()  # the evaluation's own folder
     results = json.loads((out / "results.json").read_text())
     assert (out / "report.md").read_text().startswith(f"# Evaluation of `models:/{name}@candidate`")
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -93,6 +96,23 @@ def test_evaluate_registry_model_with_judge(mlflow_sqlite, tiny_llava_dir, shape
     assert mv.tags["llava.eval_run_id"] == eval_run.info.run_id
     assert not (tmp_path / "mlruns").exists()
 
+    # A quick --limit look afterwards, as a user runs it: a folder of its own, the version's
+    # recorded metrics (the gate's evidence) untouched; asking to record it is refused up front.
+    from llava_platform.commands import eval as eval_cmd
+
+    recorded = dict(client.get_model_version(name, version).tags)
+    parser = argparse.ArgumentParser(prog="llavactl")
+    eval_cmd.register(parser.add_subparsers(dest="command", required=True))
+    quick = ["eval", "--model", f"models:/{name}@candidate", "--data", str(shapes_data), "--out", str(out.parent),
+             "--limit", "1", "--tracking-uri", mlflow_sqlite.tracking_uri, f"cache_dir={tmp_path / 'cache'}"]
+    args = parser.parse_args(quick)
+    assert args.func(args) == 0
+    assert len(list(out.parent.iterdir())) == 2 and (out / "report.md").exists()
+    assert dict(client.get_model_version(name, version).tags) == recorded
+    args = parser.parse_args([*quick, "--record"])
+    assert args.func(args) == 2
+    assert "never recorded" in capsys.readouterr().err
+
 
 def test_evaluate_rejects_bad_config_and_missing_data(tmp_path, capsys, tiny_llava_dir):
     from jobs.evaluate import main as evaluate_main
@@ -106,8 +126,6 @@ def test_evaluate_rejects_bad_config_and_missing_data(tmp_path, capsys, tiny_lla
 
 
 def test_llavactl_eval_on_a_local_model_without_a_store(tiny_llava_dir, shapes_data, tmp_path, monkeypatch, capsys):
-    import argparse
-
     from llava_platform.commands import eval as eval_cmd
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -116,10 +134,11 @@ def test_llavactl_eval_on_a_local_model_without_a_store(tiny_llava_dir, shapes_d
     out = tmp_path / "cli-out"
     args = parser.parse_args(["eval", "--model", str(tiny_llava_dir), "--data", str(shapes_data), "--out", str(out),
                               "--limit", "2", "--workdir", str(tmp_path / "no-store"),
-                              "--set", "generation.batch_size=2"])
+                              "generation.batch_size=2"])
     assert args.func(args) == 0
     assert "results are written locally only" in capsys.readouterr().err
-    results = json.loads((out / "results.json").read_text())
+    (folder,) = out.iterdir()
+    results = json.loads((folder / "results.json").read_text())
     assert results["shapes"]["n"] == 2 and results["scienceqa"]["n"] == 2
     assert "judge" not in results and results["eval_run_id"] is None
     # registry URIs need a store: refused up front with a message saying so

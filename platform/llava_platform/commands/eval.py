@@ -1,8 +1,12 @@
 """`llavactl eval`: evaluate a model (path, runs:/, models:/ or s3:// URI) with `jobs.evaluate`.
 
-    llavactl eval --model models:/llava@candidate [--data DIR] [--out DIR] [--limit N]
+    llavactl eval --model models:/llava-tiny@candidate [--data DIR] [--out DIR] [--limit N] [--record]
                   [--judge-url URL --judge-model NAME --judge-api-key-env VAR [--judge-rules FILE]]
-                  [--config FILE] [--set key=value ...]
+                  [--config FILE] [key=value ...]
+
+Each evaluation writes results.json, report.md and chart.png to a new folder under --out (default
+.llava/eval/<UTC time>-<model>-<run>/). The metrics become the registry version's (what the
+promotion gate reads) only with --record, and never from a --limit run.
 
 The evaluation runs as the job module in a child process, exactly as `ray job submit -- python -m
 jobs.evaluate ...` would run it on a cluster (the control plane does not import job code). MLflow:
@@ -19,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llava_platform.commands.overrides import add_override_arguments, collect_overrides
+
 DEFAULT_CONFIG = "evaluate_shapes.yaml"
 
 
@@ -28,16 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "s3://bucket/prefix or a local llava-hf directory")
     p.add_argument("--config", help=f"evaluation YAML (default: jobs/configs/{DEFAULT_CONFIG})")
     p.add_argument("--data", help="synthetic data directory holding eval/*.jsonl (local or s3://)")
-    p.add_argument("--out", help="output directory for results.json, report.md, chart.png")
-    p.add_argument("--limit", type=int, help="evaluate only the first N items of each set")
+    p.add_argument("--out", help="parent directory: each evaluation writes its own folder under it")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items of each set (a quick look, never recorded)")
+    p.add_argument("--record", action="store_true",
+                   help="record the metrics on the registry version (models:/ only): what the promotion gate reads")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL of the judge (enables LLaVA-Bench judging)")
     p.add_argument("--judge-model", help="judge model name")
     p.add_argument("--judge-api-key-env", help="environment variable holding the judge API key")
     p.add_argument("--judge-rules", help="rule file in the reference rule.json format")
     p.add_argument("--tracking-uri", help="MLflow tracking URI")
     p.add_argument("--workdir", default=".llava", help="embedded-stack directory (default .llava)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any evaluation config key (repeatable)")
+    add_override_arguments(p, "generation.batch_size=4")
     p.set_defaults(func=eval_main)
 
 
@@ -56,6 +63,8 @@ def build_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"output_dir={args.out}")
     if args.limit:
         out += [f"{b}.limit={args.limit}" for b in ("shapes", "scienceqa", "bench")]
+    if args.record:
+        out.append("tracking.record_on_version=true")
     if args.judge_url:
         out += ["judge.enabled=true", "bench.enabled=true", f"judge.base_url={args.judge_url}"]
     if args.judge_model:
@@ -67,7 +76,7 @@ def build_overrides(args: argparse.Namespace) -> list[str]:
     tracking = tracking_override(args)
     if tracking:
         out.append(tracking)
-    return out + list(args.overrides)
+    return out + collect_overrides(args, "llavactl eval")
 
 
 def tracking_override(args: argparse.Namespace) -> str | None:
@@ -89,6 +98,14 @@ def eval_main(args: argparse.Namespace) -> int:
     config = Path(args.config) if args.config else default_config()
     if not config.is_file():
         print(f"llavactl eval: config {config} does not exist", file=sys.stderr)
+        return 2
+    if args.record and not args.model.startswith("models:/"):
+        print(f"llavactl eval: --record needs a registry version (models:/NAME@ALIAS or models:/NAME/VERSION), "
+              f"not {args.model}", file=sys.stderr)
+        return 2
+    if args.record and args.limit:
+        print("llavactl eval: --record with --limit: a partial evaluation is never recorded on a version",
+              file=sys.stderr)
         return 2
     cmd = [sys.executable, "-m", "jobs.evaluate", "--config", str(config), *build_overrides(args)]
     return subprocess.run(cmd, check=False).returncode
