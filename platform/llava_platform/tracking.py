@@ -7,6 +7,7 @@ Every job run carries `llava.pipeline_id` / `llava.phase` (from the environment 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,29 @@ PHASE_ENV = "LLAVA_PIPELINE_PHASE"
 PARENT_RUN_ENV = "LLAVA_PARENT_RUN_ID"
 
 
+# The embedded stack's directory (`make run`, `llavactl run`, the CLI's --workdir default).
+DEFAULT_WORKDIR = ".llava"
+
+
 def embedded_tracking_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 def configure(tracking_uri: str | None = None) -> str:
-    """Use `tracking_uri`, else MLFLOW_TRACKING_URI, else MLflow's default; return the one in use."""
+    """Use `tracking_uri`, else the URI already set in this process or MLFLOW_TRACKING_URI, else the
+    embedded store that `make run` writes (`sqlite:///.llava/mlflow.db`, artifacts beside it), said
+    on stderr. Never MLflow's own default: ./mlflow.db and ./artifacts in whatever directory a job
+    happens to run from. Returns the URI in use."""
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    elif not is_tracking_uri_set():
+        default = embedded_tracking_uri(DEFAULT_WORKDIR)
+        Path(DEFAULT_WORKDIR).mkdir(parents=True, exist_ok=True)
+        print(f"[llava] no MLflow tracking URI (MLFLOW_TRACKING_URI) set: using the embedded store {default}",
+              file=sys.stderr, flush=True)
+        mlflow.set_tracking_uri(default)
     return mlflow.get_tracking_uri()
 
 
