@@ -31,6 +31,7 @@ run: install
 
 test: install-dev
 	bash tools/install_helm.sh
+	bash tools/install_chromium.sh
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/python -m pytest
 
 lint: install-dev

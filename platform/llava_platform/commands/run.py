@@ -85,6 +85,7 @@ def run_main(args: argparse.Namespace) -> int:
             print(f"[run] {summary['model_name']} v{summary['version']} did not pass the promotion gate, so there "
                   "is no new champion to serve; see `llavactl models show`.")
             return 3
+        from llava_platform.serving.chat_page import PAGE_PATH
         from llava_platform.serving.launch import shutdown_local, start_local
 
         model_uri = f"models:/{summary['model_name']}@champion"
@@ -97,6 +98,7 @@ def run_main(args: argparse.Namespace) -> int:
         print(f"[run] asked about {image.name}: {question!r}")
         print(f"[run] answer: {answer!r}")
         print(f"[run] endpoint: {base_url}/v1/chat/completions (OpenAI-compatible)")
+        print(f"[run] chat page: {base_url}{PAGE_PATH}")
         print(f"[run] MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --port 5000")
         print(f"[run] finished in {time.time() - started:.0f}s", flush=True)
         if args.serve:

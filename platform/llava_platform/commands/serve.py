@@ -60,6 +60,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from llava_platform.serving.chat_page import PAGE_PATH
     from llava_platform.serving.launch import ServeStartError, start_app
 
     if not ray.is_initialized():
@@ -70,6 +71,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"llavactl serve: {err}", file=sys.stderr)
         return 1
     print(f"serving {cfg.model_uri} as {cfg.served_model_name!r} at {url}/v1 (Ctrl-C to stop)", flush=True)
+    print(f"chat page: {url}{PAGE_PATH}", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llava_platform.serving import reload_broadcast
+from llava_platform.serving import chat_page, reload_broadcast
 from llava_platform.serving.auth import ReloadGuard, check_bearer, load_api_key
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 from llava_platform.serving.images import RemotePolicy, to_generation_messages
@@ -51,6 +51,7 @@ log = logging.getLogger("llava.serving")
 INLINE_DECODE_BYTES = 256 * 1024
 
 api = FastAPI(title="llava-platform OpenAI-compatible API", docs_url=None, redoc_url=None)
+api.include_router(chat_page.router)  # the chat page at /ui, a client of this same API
 
 
 @api.exception_handler(APIError)
