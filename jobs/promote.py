@@ -56,7 +56,7 @@ class PromoteConfig(StrictModel):
     experiment: str = "llava"
     # where a newly created experiment keeps artifacts; None: next to a sqlite store, else the server's
     artifact_location: str | None = None
-    model_name: str = Field("llava", min_length=1)
+    model_name: str = Field("llava-tiny", min_length=1)
     alias: str = "champion"
     candidate_alias: str | None = "candidate"
     source: SourceConfig = Field(default_factory=SourceConfig)

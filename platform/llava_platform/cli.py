@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from llava_platform import preflight
 
 # Command-group modules under llava_platform.commands, in --help order.
 COMMAND_MODULES = ["run", "serve", "chat", "models", "submit", "pipeline", "data", "eval"]
@@ -17,6 +20,8 @@ COMMAND_MODULES = ["run", "serve", "chat", "models", "submit", "pipeline", "data
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavactl", description="Train, evaluate and serve LLaVA models.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of a failure (also in the jobs a command starts: LLAVA_VERBOSE=1)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"llava_platform.commands.{name}").register(subparsers)
@@ -25,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[preflight.VERBOSE_ENV] = "1"  # inherited by the job processes commands start
     try:
-        return int(args.func(args) or 0)
+        # A failure is one line naming its cause (the traceback with --verbose), not a page of stack.
+        return preflight.guarded(f"llavactl {args.command}", lambda: int(args.func(args) or 0))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("question")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the endpoint")
-    p.add_argument("--model", default="llava", help="served model name")
+    p.add_argument("--model", help="served model name (default: the one the endpoint serves, from /v1/models)")
     p.add_argument("--api-key-env", default="LLAVA_API_KEY", help="env var holding the API key (if auth is on)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -43,6 +43,17 @@ def _print_stream(resp) -> None:
     print()
 
 
+def _served_model(url: str, headers: dict[str, str]) -> str:
+    """The endpoint's own model name, so the client needs no name to match the server's setting."""
+    import httpx
+
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=30)
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return "llava"  # the serving default; the chat request then reports what is wrong
+
+
 def chat_main(args: argparse.Namespace) -> int:
     import httpx
 
@@ -54,10 +65,10 @@ def chat_main(args: argparse.Namespace) -> int:
             print(f"llavactl chat: cannot read image {image}: {err}", file=sys.stderr)
             return 2
     content.append({"type": "text", "text": args.question})
-    body = {"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "stream": args.stream}
     key = os.environ.get(args.api_key_env or "", "")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": args.model or _served_model(args.url, headers), "messages": [{"role": "user", "content": content}],
+            "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": args.stream}
     url = f"{args.url.rstrip('/')}/v1/chat/completions"
     try:
         with httpx.stream("POST", url, json=body, headers=headers, timeout=300) as resp:

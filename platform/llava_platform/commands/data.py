@@ -34,6 +34,7 @@ def show_sample_main(args: argparse.Namespace) -> int:
     from llava.data.inspect import marked_text, summary_line, token_table
     from llava.data.records import RecordError, load_records
     from llava.data.templates import TemplateError
+    from llava_platform import preflight
 
     try:
         records = load_records(args.file)
@@ -44,6 +45,7 @@ def show_sample_main(args: argparse.Namespace) -> int:
         print(f"llavactl data show-sample: --index {args.index} out of range (file has {len(records)} records)",
               file=sys.stderr)
         return 2
+    preflight.require_model_dir(args.model, "--model")  # else a hub "Repo id" error minutes of stack later
     processor = AutoProcessor.from_pretrained(args.model)
     try:
         # Masks do not depend on pixels, so images are not opened: the tool works without them.

@@ -1,7 +1,7 @@
 """`llavactl data synth | preprocess | generate`: the data pipeline subcommands.
 
     llavactl data synth --output URI --n N [--seed S] [--image-size PX] [--n-eval N]
-    llavactl data preprocess --input URI --output URI [--config YAML] [--processor DIR] [key=value ...]
+    llavactl data preprocess [--input URI] [--output URI] [--config YAML] [--processor DIR] [key=value ...]
     llavactl data generate --input URI --output URI --teacher rule|openai [--config YAML] [key=value ...]
 
 URIs are local paths or s3://bucket/prefix (credentials and endpoint from the standard AWS
@@ -39,10 +39,12 @@ def add_subcommands(data_subparsers: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=synth_main)
 
     pre = data_subparsers.add_parser("preprocess", help="validate, tokenize and shard records with Ray Data")
-    pre.add_argument("--input", required=True, help="LLaVA JSON/JSONL file or Parquet file/prefix")
-    pre.add_argument("--output", required=True, help="where shards, rejects/ and manifest.json go")
+    pre.add_argument("--input", help="LLaVA JSON/JSONL file or Parquet file/prefix (default: the config's, "
+                     ".llava/data/stage2.json as `make run` writes it)")
+    pre.add_argument("--output", help="where shards, rejects/ and manifest.json go (default: the config's)")
     pre.add_argument("--config", default=None, help="job YAML (default: jobs/configs/preprocess_stage2.yaml)")
-    pre.add_argument("--processor", help="saved llava-hf processor/model directory (local or s3://)")
+    pre.add_argument("--processor", help="saved llava-hf processor/model directory (local or s3://; default: "
+                     "the config's, .llava/models/stage2)")
     pre.add_argument("--image-root", help="where relative image paths resolve (default: the input's directory)")
     pre.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"])
     pre.add_argument("--max-reject-fraction", type=float,
@@ -97,8 +99,8 @@ def _run_job(module: str, config: str, overrides: list[str]) -> int:
 
 def preprocess_main(args: argparse.Namespace) -> int:
     config = args.config or job_config("preprocess_stage2.yaml")
-    overrides = [f"input={args.input}", f"output={args.output}"]
-    for key, value in (("processor", args.processor), ("image_root", args.image_root), ("template", args.template),
+    overrides = []
+    for key, value in (("input", args.input), ("output", args.output), ("processor", args.processor), ("image_root", args.image_root), ("template", args.template),
                        ("max_reject_fraction", args.max_reject_fraction)):
         if value is not None:
             overrides.append(f"{key}={value}")
