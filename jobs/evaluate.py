@@ -70,6 +70,9 @@ class EvaluateConfig(StrictModel):
     output_dir: str = ".llava/eval"
     cache_dir: str | None = None  # where remote models are cached; None: ~/.cache/llava/models
     shapes: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    # The shapes questions asked again with a blank image: a model that answers from the image
+    # falls to the majority baseline there (the report shows both next to the real accuracy).
+    blank_image_control: bool = True
     scienceqa: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     # LLaVA-Bench-style questions from eval/captions.jsonl; they run only when the judge is enabled.
     bench: BenchmarkConfig = Field(default_factory=lambda: BenchmarkConfig(max_new_tokens=96))
@@ -152,7 +155,15 @@ def run_shapes(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
     items = load_items(cfg, "shapes")
     requests = [_request(item["question"], images.get(item["image"]) if item.get("image") else None)
                 for item in items]
-    return score_shapes(items, generate_all(model, processor, requests, cfg.generation, cfg.shapes.max_new_tokens))
+    result = score_shapes(items, generate_all(model, processor, requests, cfg.generation, cfg.shapes.max_new_tokens))
+    if cfg.blank_image_control:
+        from PIL import Image
+
+        blanks = [_request(item["question"], Image.new("RGB", images.get(item["image"]).size, "white")
+                           if item.get("image") else None) for item in items]
+        result["blank_image"] = score_shapes(
+            items, generate_all(model, processor, blanks, cfg.generation, cfg.shapes.max_new_tokens))
+    return result
 
 
 def run_scienceqa(cfg, model, processor, images: ImageCache) -> dict[str, Any]:

@@ -12,6 +12,22 @@ from pathlib import Path
 from typing import Any
 
 
+def majority_baseline(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy of always giving each question type's most frequent answer, per type and overall
+    (`all`): what a model that reads the question but not the image can reach on these items."""
+    from collections import Counter, defaultdict
+
+    from llava.eval.shapes import normalise_answer
+
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        by_type[row["question_type"]].append(normalise_answer(row["answer"]))
+    top = {t: Counter(answers).most_common(1)[0][1] for t, answers in by_type.items()}
+    out = {t: top[t] / len(answers) for t, answers in sorted(by_type.items())}
+    out["all"] = sum(top.values()) / len(rows) if rows else 0.0
+    return out
+
+
 def _key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text.strip()).strip("_").lower() or "unknown"
 
@@ -24,6 +40,13 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
         out["shapes.n"] = shapes["n"]
         for qtype, part in shapes["per_type"].items():
             out[f"shapes.accuracy.{_key(qtype)}"] = part["accuracy"]
+        for qtype, acc in majority_baseline(shapes["rows"]).items():
+            out["shapes.majority" + ("" if qtype == "all" else f".{_key(qtype)}")] = acc
+        blank = shapes.get("blank_image")
+        if blank:
+            out["shapes.blank_image.accuracy"] = blank["accuracy"]
+            for qtype, part in blank["per_type"].items():
+                out[f"shapes.blank_image.accuracy.{_key(qtype)}"] = part["accuracy"]
     sqa = results.get("scienceqa")
     if sqa:
         out["scienceqa.accuracy"] = sqa["accuracy"]
@@ -65,11 +88,21 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += [f"Registry version: {results['model_version']}", ""]
     shapes = results.get("shapes")
     if shapes:
-        lines += ["## Shapes held-out (exact match)", "", "| question type | n | correct | accuracy |",
-                  "|---|---:|---:|---:|"]
+        majority = majority_baseline(shapes["rows"])
+        blank = shapes.get("blank_image") or {}
+        blank_types = blank.get("per_type", {})
+        lines += ["## Shapes held-out (exact match)", "",
+                  "| question type | n | correct | accuracy | majority answer | blank image |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for qtype, part in shapes["per_type"].items():
-            lines.append(f"| {qtype} | {part['n']} | {part['correct']} | {_pct(part['accuracy'])} |")
-        lines += [f"| **all** | {shapes['n']} | {shapes['correct']} | **{_pct(shapes['accuracy'])}** |", ""]
+            blank_acc = blank_types[qtype]["accuracy"] if qtype in blank_types else None
+            lines.append(f"| {qtype} | {part['n']} | {part['correct']} | {_pct(part['accuracy'])} | "
+                         f"{_pct(majority.get(qtype))} | {_pct(blank_acc)} |")
+        lines += [f"| **all** | {shapes['n']} | {shapes['correct']} | **{_pct(shapes['accuracy'])}** | "
+                  f"{_pct(majority['all'])} | {_pct(blank.get('accuracy'))} |", "",
+                  "Majority answer: always the most frequent answer of the question type (reads the question, "
+                  "not the image). Blank image: the same questions with a blank image instead; a model that "
+                  "answers from the image falls to the majority baseline or below there.", ""]
     sqa = results.get("scienceqa")
     if sqa:
         lines += ["## ScienceQA format (multiple choice)", "", "| subset | n | correct | accuracy |",
