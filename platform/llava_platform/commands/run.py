@@ -53,6 +53,27 @@ def _first_eval_image(workdir: Path) -> Path:
     return images[0]
 
 
+def _true_count(workdir: Path, image: Path) -> int | None:
+    """How many shapes the held-out image really holds (its record in eval/captions.jsonl)."""
+    captions = workdir / "data" / "eval" / "captions.jsonl"
+    for line in captions.read_text().splitlines() if captions.exists() else []:
+        record = json.loads(line)
+        if Path(record["image"]).name == image.name:
+            return len(record["instances"])
+    return None
+
+
+def answer_verdict(answer: str, true_count: int | None) -> str:
+    """'right' when the numbers the answer states ("3", "three") are exactly the true count."""
+    if true_count is None:
+        return "unchecked: the image has no record"
+    from llava.eval.shapes import normalise_answer
+
+    stated = {w for w in normalise_answer(answer).split() if w.isdigit()}
+    verdict = "right" if stated == {str(true_count)} else "wrong"
+    return f"{verdict}: the image holds {true_count} shape{'s' if true_count != 1 else ''}"
+
+
 def _chat_once(base_url: str, image: Path) -> str:
     import httpx
 
@@ -96,7 +117,7 @@ def run_main(args: argparse.Namespace) -> int:
         question = "How many shapes are in the image?"
         answer = _chat_once(base_url, image)
         print(f"[run] asked about {image.name}: {question!r}")
-        print(f"[run] answer: {answer!r}")
+        print(f"[run] answer: {answer!r} ({answer_verdict(answer, _true_count(workdir, image))})")
         print(f"[run] endpoint: {base_url}/v1/chat/completions (OpenAI-compatible)")
         print(f"[run] chat page: {base_url}{PAGE_PATH}")
         print(f"[run] MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --port 5000")
