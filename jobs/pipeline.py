@@ -34,6 +34,8 @@ class PipelineConfig(StrictModel):
     n_images: int = Field(300, gt=0, description="synthetic training images")
     image_size: int = Field(64, ge=24)
     lm_pretrain_steps: int = Field(150, ge=0, description="text pre-training of the tiny LM (stands in for Vicuna)")
+    clip_pretrain_steps: int = Field(300, ge=0, description="contrastive image-caption pre-training of the tiny "
+                                                          "CLIP (stands in for CLIP ViT-L/14)")
     stage1_config: str = "tiny_stage1.yaml"
     stage1_overrides: list[str] = []
     stage2_config: str = "tiny_stage2.yaml"
@@ -56,15 +58,25 @@ def _text_corpus(ds) -> list[str]:
     return corpus
 
 
+def _image_captions(ds) -> list[tuple[object, list[str]]]:
+    """(image, its five captions) for every training image: the tiny CLIP's pre-training pairs.
+    Held-out images are not among them."""
+    from llava.data.images import open_image
+
+    rows = [json.loads(line) for line in ds.captions.read_text().splitlines() if line.strip()]
+    return [(open_image(ds.image_root / r["image"]), r["captions"]) for r in rows]
+
+
 def prepare_inputs(cfg: PipelineConfig, work: Path) -> tuple[Path, Path, object]:
     from llava.data.synthetic import write_shapes_dataset
     from llava.model.tiny import build_tiny_checkpoints
 
     print(f"[pipeline] synthetic shapes data: {cfg.n_images} images -> {work / 'data'}", flush=True)
     ds = write_shapes_dataset(work / "data", cfg.n_images, seed=cfg.seed, image_size=cfg.image_size)
-    print(f"[pipeline] tiny base checkpoints (LM pre-trained {cfg.lm_pretrain_steps} steps) -> {work / 'base'}",
-          flush=True)
+    print(f"[pipeline] tiny base checkpoints (CLIP pre-trained {cfg.clip_pretrain_steps} steps on image-caption "
+          f"pairs, LM {cfg.lm_pretrain_steps} steps on text) -> {work / 'base'}", flush=True)
     vision, lm = build_tiny_checkpoints(work / "base", corpus=_text_corpus(ds), pretrain_steps=cfg.lm_pretrain_steps,
+                                        clip_pairs=_image_captions(ds), clip_steps=cfg.clip_pretrain_steps,
                                         image_size=cfg.image_size, seed=cfg.seed)
     return vision, lm, ds
 

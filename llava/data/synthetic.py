@@ -10,8 +10,9 @@ same bytes. Files written under `out_dir`:
                              (the schema of the reference caps_boxes_coco2014_val_80.jsonl)
     stage1.json              brief-description instruction + caption, one turn per image
     stage2.json              rule-teacher conversation / detail_description / complex_reasoning
-                             records, plus one short-answer record per image (as LLaVA-1.5 mixes
-                             VQA-style data in), using the same wording as the held-out questions
+                             records, plus per image one conversation of short-answer questions
+                             (as LLaVA-1.5 mixes grouped VQA data in), in the wording of the
+                             held-out questions, and one ScienceQA-format item
     eval/captions.jsonl      captions + boxes of the held-out images
     eval/shapes_qa.jsonl     {"id", "image", "question", "answer", "question_type", "question_detail"}
     eval/scienceqa.jsonl     {"id", "question", "choices", "answer", "subject", "context", "image",
@@ -48,6 +49,8 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUND = ("white", (255, 255, 255))
 GRID = 3
+# One-word question turns per image in its short-answer conversation.
+SHORT_ANSWER_TURNS = 6
 
 
 @dataclass(frozen=True)
@@ -166,12 +169,24 @@ def stage2_records(caps: dict[str, Any], teacher: RuleTeacher, seed: int) -> lis
         reply = teacher.reply(caps, task)
         out.append(reply_to_record(reply, task, record_id=caps["id"], image=caps["image"], rng=rng))
     rng = random.Random(f"{seed}:{caps['id']}:short")
-    qa = rng.choice(short_answer_items(Scene.from_record(caps), "shape"))
-    out.append({"id": f"{caps['id']}_short_answer", "image": caps["image"],
-                "conversations": [{"from": "human", "value": place_image_token(qa.question, rng)},
-                                  {"from": "gpt", "value": qa.answer}]})
+    out.append(short_answer_record(caps, rng))
     out.append(multiple_choice_record(caps, rng))
     return out
+
+
+def short_answer_record(caps: dict[str, Any], rng: random.Random, max_turns: int = SHORT_ANSWER_TURNS) -> dict[str, Any]:
+    """Up to `max_turns` one-word questions about one image (count, colours, relations) in random
+    order as one multi-turn conversation, image in the first turn: LLaVA-1.5 groups the VQA
+    questions of an image the same way, and one image then supervises several answers for the
+    cost of one sequence. The first question is of a random type, so every type is also trained
+    as a single-turn question, which is how the held-out set asks."""
+    items = short_answer_items(Scene.from_record(caps), "shape")
+    rng.shuffle(items)
+    turns = []
+    for i, qa in enumerate(items[:max_turns]):
+        question = place_image_token(qa.question, rng) if i == 0 else qa.question
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": qa.answer}]
+    return {"id": f"{caps['id']}_short_answer", "image": caps["image"], "conversations": turns}
 
 
 def multiple_choice_record(caps: dict[str, Any], rng: random.Random) -> dict[str, Any]:

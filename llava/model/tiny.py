@@ -1,8 +1,14 @@
-"""Tiny CLIP vision tower and tiny Llama LM with a locally trained tokenizer.
+"""Tiny CLIP and tiny Llama LM with a locally trained tokenizer.
 
 They stand in for CLIP ViT-L/14 and Vicuna in tests and on the CPU preset: saved with
 `save_pretrained` in the Hugging Face layout, so code under test loads them with `from_pretrained`
 exactly as it would load the real checkpoints. Nothing is downloaded.
+
+As LLaVA's CLIP has learned to see before LLaVA ever trains, the tiny CLIP (vision and text
+towers, `CLIPModel` layout, like openai/clip-vit-large-patch14) can be pre-trained contrastively
+on image-caption pairs; the LLaVA builder then loads its vision tower with
+`CLIPVisionModel.from_pretrained`, exactly as it loads the real CLIP. Without pairs its weights
+stay random (the fast test fixtures).
 """
 
 from __future__ import annotations
@@ -10,11 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
+    CLIPModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -102,38 +109,95 @@ def pretrain_lm(lm: LlamaForCausalLM, tokenizer, corpus: list[str], *, steps: in
     return losses
 
 
+# CLIP's text tower pools at the first end-of-text token. id 2 (`</s>` here) would select the old
+# argmax pooling of transformers' CLIP (kept for checkpoints from before its fix), so captions end
+# with another special token of the tiny vocabulary.
+CLIP_TEXT_END = "<|im_end|>"
+CLIP_TEXT_MAX = 64
+
+
+def _caption_batch(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
+    end = tokenizer.convert_tokens_to_ids(CLIP_TEXT_END)
+    rows = [tokenizer(c, add_special_tokens=True)["input_ids"][: CLIP_TEXT_MAX - 1] + [end] for c in captions]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), end, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pretrain_clip(clip: CLIPModel, image_processor, tokenizer, pairs: list[tuple[Image.Image, list[str]]], *,
+                  steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0) -> list[float]:
+    """Contrastive image-caption pre-training (CLIP's symmetric InfoNCE over the batch), one random
+    caption per image per step, so the frozen tower LLaVA later reads has learned what the captions
+    name: colours, shapes, counts and places. Returns the loss per step."""
+    from llava.data.images import prepare_image  # the same square pre-processing LLaVA training uses
+
+    gen = torch.Generator().manual_seed(seed)
+    pixels = image_processor([prepare_image(img, image_processor) for img, _ in pairs],
+                             return_tensors="pt")["pixel_values"]
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (1.0 - i / steps))
+    losses = []
+    clip.train()
+    for _ in range(steps):
+        pick = torch.randperm(len(pairs), generator=gen)[:batch].tolist()
+        captions = [pairs[i][1][int(torch.randint(len(pairs[i][1]), (1,), generator=gen))] for i in pick]
+        loss = clip(**_caption_batch(tokenizer, captions), pixel_values=pixels[pick], return_loss=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    clip.eval()
+    return losses
+
+
 def build_tiny_checkpoints(
     out_dir: str | Path,
     *,
     corpus: list[str] | None = None,
     pretrain_steps: int = 300,
+    clip_pairs: list[tuple[Image.Image, list[str]]] | None = None,
+    clip_steps: int = 300,
     image_size: int = 64,
     patch_size: int = 16,
     text_hidden: int = 128,
     text_layers: int = 2,
     seed: int = 0,
 ) -> tuple[Path, Path]:
-    """Write `<out>/tiny-clip-vision` and `<out>/tiny-llama`; return both paths. With a `corpus`,
-    the LM is pre-trained on it for `pretrain_steps` steps; without, its weights stay random."""
+    """Write `<out>/tiny-clip-vision` (a whole tiny CLIP: vision and text towers, processor,
+    tokenizer) and `<out>/tiny-llama`; return both paths. With `clip_pairs` (image, captions), the
+    CLIP is pre-trained contrastively on them for `clip_steps` steps; with a `corpus`, the LM is
+    pre-trained on it for `pretrain_steps` steps; without, the weights stay random."""
     out = Path(out_dir)
     vision_dir, lm_dir = out / "tiny-clip-vision", out / "tiny-llama"
     torch.manual_seed(seed)
-    vision_cfg = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
+    tokenizer = build_tiny_tokenizer()
+    clip_cfg = CLIPConfig(
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                       "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size},
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": CLIP_TEXT_MAX,
+                     "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.convert_tokens_to_ids(CLIP_TEXT_END),
+                     "eos_token_id": tokenizer.convert_tokens_to_ids(CLIP_TEXT_END)},
         projection_dim=64,
     )
-    CLIPVisionModel(vision_cfg).save_pretrained(vision_dir)
-    CLIPImageProcessor(
+    clip = CLIPModel(clip_cfg)
+    image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-    ).save_pretrained(vision_dir)
+    )
+    if clip_pairs and clip_steps:
+        pretrain_clip(clip, image_processor, tokenizer, clip_pairs, steps=clip_steps, seed=seed)
+    clip.save_pretrained(vision_dir)
+    image_processor.save_pretrained(vision_dir)
+    tokenizer.save_pretrained(vision_dir)
 
-    tokenizer = build_tiny_tokenizer()
     lm_cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=text_hidden,

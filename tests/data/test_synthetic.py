@@ -123,6 +123,29 @@ def test_eval_questions_have_exact_answers_on_held_out_images(shapes):
             assert (ca < cb) == (q["answer"] in ("left", "above"))
 
 
+def test_short_answer_conversations_ask_every_type_first_with_true_answers(shapes):
+    """One grouped conversation of one-word questions per image; each answer is what the scene
+    says, and every question type also opens a conversation (how the held-out set asks it)."""
+    from llava.data.synthetic import SHORT_ANSWER_TURNS
+    from llava.datagen.rule_teacher import short_answer_items
+    from llava.datagen.scene import Scene
+
+    captions = {r["id"]: r for r in _jsonl(shapes.captions)}
+    grouped = [r for r in json.loads(shapes.stage2.read_text()) if r["id"].endswith("_short_answer")]
+    assert len(grouped) == len(captions)
+    first_types = set()
+    for rec in grouped:
+        truth = {(q.question, q.answer): q.question_type
+                 for q in short_answer_items(Scene.from_record(captions[rec["id"].removesuffix("_short_answer")]), "shape")}
+        turns = rec["conversations"]
+        pairs = [(turns[i]["value"].replace("<image>", "").strip(), turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
+        assert 1 <= len(pairs) <= SHORT_ANSWER_TURNS and len(set(pairs)) == len(pairs)
+        assert all(p in truth for p in pairs), pairs
+        assert len(pairs) == min(SHORT_ANSWER_TURNS, len(truth))
+        first_types.add(truth[pairs[0]])
+    assert first_types == {"count", "color", "position"}
+
+
 def test_scienceqa_items(shapes):
     items = _jsonl(shapes.scienceqa)
     assert items and any(i["image"] is None for i in items) and any(i["image"] for i in items)
