@@ -11,13 +11,22 @@ from llava_platform.config import StrictModel
 
 
 class ModelSection(StrictModel):
-    vision: str = Field(description="CLIP-family vision checkpoint: local dir or hub id")
-    language_model: str = Field(description="causal LM checkpoint: local dir or hub id")
+    vision: str | None = Field(None, description="CLIP-family vision checkpoint: local dir or hub id")
+    language_model: str | None = Field(None, description="causal LM checkpoint: local dir or hub id")
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     vision_feature_layer: int = -2
     feature_select: Literal["patch", "cls_patch"] = "patch"
-    init_from: str | None = Field(None, description="previous stage's llava-hf output (path or URI)")
+    init_from: str | None = Field(None, description="a llava-hf checkpoint to start from (previous stage's "
+                                                    "output, a registered model): path, hub id, models:/, "
+                                                    "runs:/ or s3://")
     gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _something_to_start_from(self):
+        if not self.init_from and not (self.vision and self.language_model):
+            raise ValueError("set model.init_from (a llava-hf checkpoint), or model.vision and "
+                             "model.language_model to assemble a new model")
+        return self
 
 
 class DataSection(StrictModel):
@@ -45,14 +54,62 @@ class DataSection(StrictModel):
 
 
 class OptimSection(StrictModel):
-    lr: float = Field(gt=0)
-    projector_lr: float | None = Field(None, gt=0)
+    lr: float = Field(gt=0, description="learning rate of every trained part without its own method.<part>.lr")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
     global_batch: int = Field(gt=0)
     micro_batch: int = Field(gt=0)
     grad_clip: float = Field(1.0, gt=0)
+
+
+class PartMethod(StrictModel):
+    mode: Literal["frozen", "full", "lora"] = "frozen"
+    lr: float | None = Field(None, gt=0, description="this part's learning rate (default optim.lr)")
+
+    @model_validator(mode="after")
+    def _no_rate_when_frozen(self):
+        if self.mode == "frozen" and self.lr is not None:
+            raise ValueError("lr is set but the part is frozen")
+        return self
+
+
+class LoraSection(StrictModel):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="leaf names of the linear layers that get adapters in the LoRA parts")
+    modules_to_save: list[str] = Field([], description="extra modules trained in full and saved with the adapter")
+
+
+class MethodSection(StrictModel):
+    """How each part trains, separate from the stage: `frozen`, `full` or `lora`, each at its own
+    learning rate; `lora` settings apply to every LoRA part. `quantization: 4bit` is QLoRA: the
+    language model's frozen base weights are held in NF4 (bitsandbytes)."""
+
+    vision: PartMethod = PartMethod()
+    projector: PartMethod = PartMethod(mode="full")
+    language_model: PartMethod = PartMethod()
+    lora: LoraSection = LoraSection()
+    quantization: Literal["none", "4bit"] = "none"
+
+    @classmethod
+    def for_stage(cls, stage: int) -> MethodSection:
+        """LLaVA's two stages: stage 1 trains the projector, stage 2 the projector and the LM."""
+        return cls(language_model=PartMethod(mode="full" if stage == 2 else "frozen"))
+
+    def uses_lora(self) -> bool:
+        return "lora" in (self.vision.mode, self.projector.mode, self.language_model.mode)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if all(p.mode == "frozen" for p in (self.vision, self.projector, self.language_model)):
+            raise ValueError("every part is frozen: nothing would train")
+        if self.quantization == "4bit" and self.language_model.mode != "lora":
+            raise ValueError("quantization=4bit (QLoRA) quantizes the frozen language model under its "
+                             f"adapters: set language_model.mode=lora (got {self.language_model.mode!r})")
+        return self
 
 
 class DistributedSection(StrictModel):
@@ -83,13 +140,56 @@ class TrainConfig(StrictModel):
     name: str = Field("llava", description="run name; Ray Train storage folder")
     seed: int = 0
     model: ModelSection
+    method: MethodSection = Field(None, description="per-part training modes; default: the stage's")  # type: ignore[assignment]
     data: DataSection
     optim: OptimSection
     distributed: DistributedSection = DistributedSection()
     checkpoint: CheckpointSection
     tracking: TrackingSection = TrackingSection()
     output: str = Field(description="where the llava-hf model directory is exported (path or URI)")
+    adapter_output: str | None = Field(None, description="LoRA runs: where the adapter alone is exported "
+                                                         "(PEFT layout); default <output>-adapter")
     stop_after_steps: int | None = Field(None, gt=0, description="end early after this step (interrupt drills)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_of_the_stage(cls, data):
+        if isinstance(data, dict) and data.get("method") is None and data.get("stage") in (1, 2):
+            data = {**data, "method": MethodSection.for_stage(data["stage"]).model_dump()}
+        return data
+
+    @model_validator(mode="after")
+    def _method_fits(self):
+        if self.method.uses_lora() and not self.model.init_from:
+            raise ValueError("method: a LoRA part needs a saved base to attach the adapter to: set "
+                             "model.init_from (a llava-hf checkpoint: path, hub id, models:/, runs:/ or s3://)")
+        if self.method.quantization == "4bit":
+            if not self.distributed.use_gpu and not _bitsandbytes_runs_on_cpu():
+                raise ValueError("method.quantization=4bit (QLoRA) needs CUDA: set distributed.use_gpu=true "
+                                 "on a GPU cluster, or use quantization=none (plain LoRA) on CPU")
+            if self.distributed.zero_stage == 3:
+                raise ValueError("method.quantization=4bit does not partition with ZeRO-3 here: use "
+                                 "distributed.zero_stage 0-2 (the 4-bit base is small enough to replicate)")
+        return self
+
+    def adapter_destination(self) -> str:
+        return self.adapter_output or self.output.rstrip("/") + "-adapter"
+
+    def part_lrs(self) -> dict[str, float]:
+        """The learning rate of each part (those that do not train keep optim.lr, unused)."""
+        return {part: getattr(self.method, part).lr or self.optim.lr for part in ("vision", "projector", "language_model")}
+
+
+def _bitsandbytes_runs_on_cpu() -> bool:
+    """bitsandbytes 0.50 quantizes and runs 4-bit layers on CPU too (measured with 0.50.2; older
+    releases need CUDA)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in version("bitsandbytes").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (0, 50)
 
 
 def _absolute(value: str | None, *, must_exist: bool = False) -> str | None:
@@ -108,10 +208,14 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     m, d = data["model"], data["data"]
     m["vision"] = _absolute(m["vision"], must_exist=True)
     m["language_model"] = _absolute(m["language_model"], must_exist=True)
-    m["init_from"] = _absolute(m["init_from"])
+    m["init_from"] = _absolute(m["init_from"], must_exist=True)
     for key in ("records", "image_root", "processed", "sample_trace"):
         d[key] = _absolute(d[key])
     data["checkpoint"]["storage"] = _absolute(data["checkpoint"]["storage"])
     data["checkpoint"]["resume_from"] = _absolute(data["checkpoint"]["resume_from"])
     data["output"] = _absolute(data["output"])
+    uri = data["tracking"]["tracking_uri"]
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        data["tracking"]["tracking_uri"] = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    data["adapter_output"] = _absolute(data["adapter_output"])
     return TrainConfig.model_validate(data)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from jobs.train_config import TrainConfig
 from llava.data.records import parse_records
 from llava.data.templates import get_template
 from llava.model.builder import build_llava, save_llava
-from llava.model.freezing import TrainableParts, apply_freezing, describe_trainable
+from llava.model.freezing import PartModes, apply_freezing, describe_trainable, total_parameters
+from llava.model.lora import LoraSettings, apply_lora, merged_from_adapter, quantization_config, save_adapter
 from llava.train.dataset import TrainSample, check_fits_global_batch
 from llava.train.deepspeed_config import BatchPlan, deepspeed_config
 from llava.train.grad_norm import global_grad_norm
@@ -72,17 +74,83 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_model(cfg: TrainConfig):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object
+    base: str | None  # what `model.init_from` resolved to: a local llava-hf dir or a hub id
 
+
+def _init_source(ref: str) -> str:
+    """A local directory for a path or platform URI; a hub id (owner/name, not a local path) is
+    passed to from_pretrained as is, which downloads it into the Hugging Face cache."""
     from llava_platform.model_uri import resolve_model_dir
 
+    is_uri = "://" in ref or ref.startswith(("runs:/", "models:/"))
+    if not is_uri and not os.path.exists(ref) and re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+        return ref
+    return str(resolve_model_dir(ref))
+
+
+def _checkpoint_template(processor) -> str | None:
+    """The platform template whose chat template the checkpoint's processor saved, if any."""
+    from typing import get_args
+
+    from jobs.train_config import DataSection
+
+    eos = processor.tokenizer.eos_token
+    for name in get_args(DataSection.model_fields["template"].annotation):
+        if get_template(name, eos_token=eos).chat_template == processor.chat_template:
+            return name
+    return None
+
+
+def _check_template(processor, cfg: TrainConfig) -> None:
+    """A fine-tune must keep the prompt format its checkpoint was trained with; only the
+    alignment-stage `plain` template is meant to be replaced (by stage 2's conversation template)."""
+    saved = _checkpoint_template(processor)
+    if saved not in (None, "plain", cfg.data.template):
+        raise ValueError(f"model.init_from {cfg.model.init_from} was trained with template {saved!r} but "
+                         f"data.template is {cfg.data.template!r}: set data.template={saved}")
+
+
+def _load_model(cfg: TrainConfig) -> LoadedModel:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
     if cfg.model.init_from:
-        path = resolve_model_dir(cfg.model.init_from)
-        return LlavaForConditionalGeneration.from_pretrained(path), AutoProcessor.from_pretrained(path)
+        base = _init_source(cfg.model.init_from)
+        kwargs = {}
+        if cfg.method.quantization == "4bit":  # the config refused it where it cannot run
+            kwargs["quantization_config"] = quantization_config(torch.bfloat16 if _precision(cfg) == "bf16"
+                                                                else torch.float32)
+        model = LlavaForConditionalGeneration.from_pretrained(base, **kwargs)
+        if kwargs:
+            from peft import prepare_model_for_kbit_training
+
+            # Casts the small non-quantized weights to fp32 for stable training; checkpointing is
+            # set up below with the rest of the methods.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        processor = AutoProcessor.from_pretrained(base)
+        _check_template(processor, cfg)
+        return LoadedModel(model, processor, base)
     m = cfg.model
-    return build_llava(m.vision, m.language_model, projector=m.projector, vision_feature_layer=m.vision_feature_layer,
-                       feature_select=m.feature_select, template=cfg.data.template)
+    model, processor = build_llava(m.vision, m.language_model, projector=m.projector,
+                                   vision_feature_layer=m.vision_feature_layer, feature_select=m.feature_select,
+                                   template=cfg.data.template)
+    return LoadedModel(model, processor, None)
+
+
+def _apply_method(model, cfg: TrainConfig):
+    """Freeze, fully train or LoRA-wrap each part as `method` says; return the model to train
+    (peft-wrapped when a part uses LoRA) and the trainable counts per part."""
+    m = cfg.method
+    modes = PartModes(vision=m.vision.mode, projector=m.projector.mode, language_model=m.language_model.mode)
+    if not m.uses_lora():
+        return model, apply_freezing(model, modes)
+    targets = None if m.lora.target_modules == "all-linear" else tuple(m.lora.target_modules)
+    return apply_lora(model, modes, LoraSettings(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                                 target_modules=targets,
+                                                 modules_to_save=tuple(m.lora.modules_to_save)))
 
 
 def _data_source(cfg: TrainConfig, processor, ctx: WorkerContext):
@@ -154,12 +222,19 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def _save_checkpoint(engine, ctx: WorkerContext, position: Position, metrics: dict) -> None:
+def _only_trained_weights(cfg: TrainConfig) -> bool:
+    """LoRA checkpoints hold the adapters (and fully trained parts) with their optimizer state, not
+    the frozen base, which `model.init_from` rebuilds on resume: megabytes instead of the whole
+    model, and no 4-bit QLoRA tensors to round-trip."""
+    return cfg.method.uses_lora()
+
+
+def _save_checkpoint(engine, ctx: WorkerContext, position: Position, metrics: dict, cfg: TrainConfig) -> None:
     """Every rank writes its DeepSpeed shard and RNG/position into a fresh local folder; Ray Train
     persists the folders of all ranks as one checkpoint and registers it only once all reported, so
     a crash mid-save leaves the previous checkpoint as the latest."""
     with tempfile.TemporaryDirectory(prefix="llava-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
+        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=_only_trained_weights(cfg))
         save_rank_state(tmp, ctx.rank, position)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -182,37 +257,58 @@ def _restore(engine, cfg: TrainConfig, ctx: WorkerContext) -> Position | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                               load_module_strict=not _only_trained_weights(cfg))
         return load_rank_state(d, ctx.rank)
 
 
+def _publish(src: str, uri: str) -> None:
+    if storage.is_s3(uri):
+        storage.upload_dir(src, uri)
+        return
+    dst = storage.local_path(uri)
+    staging = dst.with_name(dst.name + ".partial")
+    storage.upload_dir(src, str(staging))
+    if dst.exists():
+        import shutil
+
+        shutil.rmtree(dst)
+    staging.rename(dst)  # the export appears whole or not at all
+
+
 def _export(engine, processor, cfg: TrainConfig, ctx: WorkerContext, zero_stage: int) -> str | None:
-    """Write the llava-hf directory (ZeRO-3: gather full weights first) and log it to MLflow."""
+    """Write the llava-hf directory (ZeRO-3: gather full weights first) and log it to MLflow. A
+    LoRA run also writes its adapter alone (PEFT layout) and exports the adapter merged into the
+    base, which plain transformers loads as any other llava-hf model."""
     import deepspeed
 
     model = engine.module
     processor.chat_template = get_template(cfg.data.template, eos_token=processor.tokenizer.eos_token).chat_template
-    params = list(model.parameters()) if zero_stage == 3 else []
+    lora = cfg.method.uses_lora()
+    params = [p for p in model.parameters() if p.requires_grad or not lora] if zero_stage == 3 else []
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
         if not ctx.lead:
             return None
         with tempfile.TemporaryDirectory(prefix="llava-export-") as tmp:
-            save_llava(model, processor, tmp)
-            if storage.is_s3(cfg.output):
-                storage.upload_dir(tmp, cfg.output)
+            if lora:
+                base = _init_source(cfg.model.init_from)
+                adapter = save_adapter(model, os.path.join(tmp, "adapter"), cfg.model.init_from)
+                save_llava(merged_from_adapter(base, adapter), processor, os.path.join(tmp, "model"))
+                _publish(str(adapter), cfg.adapter_destination())
+                _publish(os.path.join(tmp, "model"), cfg.output)
             else:
-                dst = storage.local_path(cfg.output)
-                staging = dst.with_name(dst.name + ".partial")
-                storage.upload_dir(tmp, str(staging))
-                if dst.exists():
-                    import shutil
-
-                    shutil.rmtree(dst)
-                staging.rename(dst)  # the export appears whole or not at all
+                save_llava(model, processor, os.path.join(tmp, "model"))
+                _publish(os.path.join(tmp, "model"), cfg.output)
             if ctx.run_id:
                 from mlflow.tracking import MlflowClient
 
-                MlflowClient().log_artifacts(ctx.run_id, tmp, "model")
+                client = MlflowClient()
+                client.log_artifacts(ctx.run_id, os.path.join(tmp, "model"), "model")
+                if lora:
+                    client.log_artifacts(ctx.run_id, os.path.join(tmp, "adapter"), "adapter")
+                    # What the registry copies into the version's lineage (registry.collect_lineage).
+                    client.set_tag(ctx.run_id, "llava.base_model", cfg.model.init_from)
+                    client.set_tag(ctx.run_id, "llava.adapter", f"runs:/{ctx.run_id}/adapter")
     return cfg.output
 
 
@@ -259,11 +355,13 @@ def train_loop(config: dict) -> None:
     if config.get("tracking_uri"):
         tracking.configure(config["tracking_uri"])
     _seed_all(cfg.seed)
-    model, processor = _load_model(cfg)
-    counts = apply_freezing(model, TrainableParts.for_stage(cfg.stage))
-    _say(ctx, f"stage {cfg.stage}: {describe_trainable(counts, model)}")
+    loaded = _load_model(cfg)
+    processor = loaded.processor
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, counts = _apply_method(loaded.model, cfg)
+    counts["fraction"] = counts["total"] / total_parameters(model)
+    _say(ctx, f"stage {cfg.stage}: {describe_trainable(counts, model)}")
     data = _data_source(cfg, processor, ctx)
     per_epoch, total = _total_steps(cfg, len(data.index))
     plan = BatchPlan(cfg.optim.global_batch, cfg.optim.micro_batch, ctx.world_size)
@@ -274,7 +372,7 @@ def train_loop(config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
     ds_config = deepspeed_config(plan, zero_stage=cfg.distributed.zero_stage, precision=precision,
                                  grad_clip=cfg.optim.grad_clip)
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.projector_lr)
+    optimizer = build_optimizer(model, cfg.part_lrs())
     scheduler = build_scheduler(optimizer, total, cfg.optim.warmup_ratio)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
@@ -377,7 +475,7 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, data, plan, ctx: 
         if last % cfg.checkpoint.every_n_steps == 0 or last == total or stopping:
             if metrics_out is not None:
                 metrics_out.flush()  # the steps a checkpoint covers are in MLflow before it registers
-            _save_checkpoint(engine, ctx, Position(last, epoch, in_epoch + 1), {"step": last, **metrics})
+            _save_checkpoint(engine, ctx, Position(last, epoch, in_epoch + 1), {"step": last, **metrics}, cfg)
         if stopping:
             _say(ctx, f"stage {cfg.stage}: stopping after step {last} as configured (stop_after_steps)")
             return
