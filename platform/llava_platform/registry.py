@@ -313,9 +313,12 @@ def collect_lineage(client: MlflowClient, stage2_run_id: str, stage1_run_id: str
         json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     code = tags.get("llava.code_version") or (
         f"git:{tags['mlflow.source.git.commit']}" if tags.get("mlflow.source.git.commit") else None)
+    extra = {"init_from": params["model.init_from"]} if params.get("model.init_from") else {}
+    for key in ("base_model", "adapter"):  # LoRA runs (jobs/train_worker.py): the base and its adapter
+        if tags.get(f"llava.{key}"):
+            extra[key] = tags[f"llava.{key}"]
     return {"data_uris": data_uris, "manifest_digests": digests, "stage1_run_id": stage1_run_id,
-            "config_digest": config_digest, "code": code or code_version(),
-            "extra": {"init_from": params["model.init_from"]} if params.get("model.init_from") else None}
+            "config_digest": config_digest, "code": code or code_version(), "extra": extra or None}
 
 
 # --------------------------------------------------------------------------- gate
