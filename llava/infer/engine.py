@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from llava.infer import json_prefix
 from llava.infer.generate import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -87,7 +88,8 @@ class DecodeRequest:
     sent there but is part of the result. `on_done` receives the `GenerationResult` or the
     exception that ended the request. `top_logprobs` None = no logprobs, k = logprobs with the k
     most likely alternatives per token. `logit_bias` is added to the token's logit before choosing;
-    `min_tokens` forbids end-of-sequence before that many tokens.
+    `min_tokens` forbids end-of-sequence before that many tokens; `json_object` constrains the
+    answer to one JSON object (the row ends when it closes).
     """
 
     prompt: PreparedPrompt
@@ -101,6 +103,7 @@ class DecodeRequest:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
     top_logprobs: int | None = None
+    json_object: bool = False
     on_text: Callable[[TextDelta], None] | None = None
     cancelled: bool = False  # set from any thread; the row leaves at the next step without an answer
     submitted: float = 0.0  # time.monotonic() when handed to the engine
@@ -114,7 +117,8 @@ class DecodeRequest:
     @property
     def plain(self) -> bool:
         """Greedy with no logit rules and no logprobs: the batch-wide argmax is this row's token."""
-        return self.temperature <= 0 and not self.logit_bias and not self.min_tokens and self.top_logprobs is None
+        return (self.temperature <= 0 and not self.logit_bias and not self.min_tokens and self.top_logprobs is None
+                and not self.json_object)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -217,6 +221,8 @@ class _Row:
     logprobs: list[dict[str, Any]] | None = None
     sent: int = 0  # characters already streamed
     lp_sent: int = 0  # tokens whose logprobs were streamed
+    json_state: json_prefix.State | None = None  # where a json_object answer stands
+    json_blank: bool = False  # the last token was whitespace (no runs of it: they could go on forever)
 
 
 def _left_pad(t: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
@@ -252,8 +258,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         return int(logits.argmax())
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        sorted_p[(sorted_p.cumsum(0) - sorted_p) >= top_p] = 0
+        # Keep the smallest prefix whose mass reaches top_p. The first token always stays, also for
+        # a top_p below float32's smallest number (1e-320 rounds to 0 and would drop every token).
+        drop = (sorted_p.cumsum(0) - sorted_p) >= top_p
+        drop[0] = False
+        sorted_p[drop] = 0
         return int(order[torch.multinomial(sorted_p, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -261,7 +270,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 class ContinuousEngine(_EngineThread):
     """Iteration-level batching over a shared, left-padded KV cache (see the module docstring)."""
 
-    features = frozenset({"logprobs", "logit_bias", "min_tokens"})
+    features = frozenset({"logprobs", "logit_bias", "min_tokens", "json_object"})
     # Steps decoded eagerly after the compiled step first fails; doubles on each further failure.
     COMPILED_COOLDOWN_STEPS = 256
 
@@ -286,6 +295,7 @@ class ContinuousEngine(_EngineThread):
         self._eager_until = 0  # step count before which decoding stays eager after a compiled failure
         self._steps = 0
         self._pieces: dict[int, str] = {}
+        self._special: set[int] | None = None  # never part of a JSON answer
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._attn: torch.Tensor | None = None  # [B, L] 1 = real token
@@ -458,7 +468,8 @@ class ContinuousEngine(_EngineThread):
             ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=self.model.device)
             values = torch.tensor(list(req.logit_bias.values()), dtype=torch.float32, device=self.model.device)
             bias = (ids, values)
-        return _Row(req, self._generator(req), bias, logprobs=[] if req.top_logprobs is not None else None)
+        return _Row(req, self._generator(req), bias, logprobs=[] if req.top_logprobs is not None else None,
+                    json_state=json_prefix.START if req.json_object else None)
 
     def _generator(self, req: DecodeRequest) -> torch.Generator | None:
         if req.temperature <= 0:
@@ -494,13 +505,39 @@ class ContinuousEngine(_EngineThread):
             scores.index_add_(0, *row.bias)
         if len(row.generated) < req.min_tokens and self.eos:
             scores[list(self.eos)] = float("-inf")
-        if row.generator is None:
+        if row.json_state is not None:
+            token = self._json_choice(row, scores)
+        elif row.generator is None:
             token = int(scores.argmax())
         else:
             token = _sample(scores, req.temperature, req.top_p, row.generator)
         if raw is not None and row.logprobs is not None:
             row.logprobs.append(self._logprob_entry(torch.log_softmax(raw, dim=-1), token, req.top_logprobs or 0))
         return token
+
+    def _json_choice(self, row: _Row, scores: torch.Tensor) -> int:
+        """The most likely token (greedy) or a sampled one (Gumbel-max: the first allowed token in
+        the perturbed order is a sample of the distribution restricted to allowed tokens) whose
+        text keeps the answer a prefix of a JSON object. top_p does not apply here."""
+        assert row.json_state is not None
+        keys = scores
+        if row.generator is not None:
+            noise = torch.rand(scores.shape, generator=row.generator, device=scores.device).clamp_min(1e-20)
+            keys = scores / row.req.temperature - torch.log(-torch.log(noise))
+        if self._special is None:
+            self._special = set(self.tokenizer.all_special_ids) | self.eos
+        for token in torch.argsort(keys, descending=True).tolist():
+            if token in self._special or not torch.isfinite(scores[token]):
+                continue
+            piece = self._piece(token)
+            blank = not piece.strip()
+            if not piece or "\ufffd" in piece or (blank and row.json_blank):
+                continue
+            state = json_prefix.feed_text(row.json_state, piece)
+            if state is not None:
+                row.json_state, row.json_blank = state, blank
+                return token
+        raise RuntimeError("no token continues the JSON answer")
 
     def _piece(self, token: int) -> str:
         if token not in self._pieces:
@@ -535,6 +572,8 @@ class ContinuousEngine(_EngineThread):
         row.generated.append(token)
         n = len(row.generated)
         reason = FINISH_STOP if token in self.eos else None
+        if row.json_state is not None and row.json_state[1] == json_prefix.DONE:
+            reason = FINISH_STOP  # the JSON object is complete
         text = None
         if req.stops or req.on_text is not None:
             text = self.tokenizer.decode(row.generated, skip_special_tokens=True)

@@ -4,6 +4,7 @@ answer exactly as they would alone; streaming, stop strings, cancellation, failu
 from __future__ import annotations
 
 import copy
+import json
 import time
 from concurrent.futures import Future
 
@@ -346,3 +347,70 @@ def test_a_failing_generate_answers_its_request_in_the_sequential_engine(tiny):
     failed, recovered = _fail_then_recover(engine, processor, PROMPTS[0], 8)
     assert isinstance(failed, RuntimeError) and "simulated" in str(failed)
     assert recovered.text == _alone(penalised, processor, PROMPTS[0], 8).text
+
+
+def test_json_object_rows_answer_one_json_object(tiny):
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=4)
+    try:
+        pairs = [_request(processor, PROMPTS[1], 120, json_object=True),
+                 _request(processor, PROMPTS[0], 120, json_object=True, temperature=0.9, seed=3)]
+        for req, _ in pairs:
+            engine.submit(req)
+        results = [fut.result(timeout=120) for _, fut in pairs]
+    finally:
+        engine.close()
+    for res in results:
+        if res.finish_reason == "stop":
+            assert isinstance(json.loads(res.text), dict), res.text
+        else:  # out of budget: still a prefix of an object
+            assert res.text.lstrip().startswith("{"), res.text
+
+
+def test_shared_prompts_prefill_once_and_the_budget_splits_prefills(tiny):
+    """Rows sharing one encoded prompt (the n answers of a request) take one prefill row; a prefill
+    budget of one prompt's tokens admits the other prompt in a prefill of its own."""
+    model, processor = tiny
+    prefills: list[int] = []
+
+    def counting(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append(kwargs["input_ids"].shape[0])
+        return model(*args, **kwargs)
+
+    shared, first = _request(processor, PROMPTS[0], 6)
+    twin, second = _request(processor, PROMPTS[0], 6)
+    twin.encoded = shared.encoded
+    other, third = _request(processor, PROMPTS[1], 6)
+    engine = ContinuousEngine(_CallThrough(model, counting), processor, max_rows=4,
+                              prefill_tokens=shared.prompt_tokens)
+    try:
+        with engine._wake:  # queue all three before the engine looks
+            for req in (shared, twin, other):
+                req.submitted = time.monotonic()
+                engine._pending.append(req)
+            engine._wake.notify()
+        results = [f.result(timeout=120) for f in (first, second, third)]
+    finally:
+        engine.close()
+    assert prefills == [1, 1], "one prefill row for the twins, the other prompt in a second prefill"
+    assert results[0].text == results[1].text == _alone(model, processor, PROMPTS[0], 6).text
+    assert results[2].text == _alone(model, processor, PROMPTS[1], 6).text
+
+
+def test_a_row_whose_sampling_fails_leaves_alone(tiny):
+    """A row whose token choice throws (here a bias on a token id outside the vocabulary) gets the
+    error; the rows decoding beside it answer exactly as they would alone."""
+    model, processor = tiny
+    engine = ContinuousEngine(model, processor, max_rows=4)
+    try:
+        healthy = [_request(processor, m, 10) for m in PROMPTS[:2]]
+        poisoned, p_done = _request(processor, PROMPTS[2], 10, logit_bias={10**6: 1.0})
+        for req, _ in (*healthy, (poisoned, p_done)):
+            engine.submit(req)
+        results = [fut.result(timeout=120) for _, fut in healthy]
+        failure = p_done.result(timeout=120)
+    finally:
+        engine.close()
+    assert isinstance(failure, Exception) and engine.failures["sampling"] == 1
+    assert [r.text for r in results] == [_alone(model, processor, m, 10).text for m in PROMPTS[:2]]
