@@ -6,9 +6,12 @@ Every job run carries `llava.pipeline_id` / `llava.phase` (from the environment 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from llava_platform.config import flatten
 PIPELINE_ID_ENV = "LLAVA_PIPELINE_ID"
 PHASE_ENV = "LLAVA_PIPELINE_PHASE"
 PARENT_RUN_ENV = "LLAVA_PARENT_RUN_ID"
+
+_log = logging.getLogger(__name__)
 
 
 # The embedded stack's directory (`make run`, `llavactl run`, the CLI's --workdir default).
@@ -99,42 +104,217 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int, timestamp_ms:
 
 
 class MetricBuffer:
-    """Per-step metrics held in memory and written to the run in one batch every `interval_s` seconds
-    (or `max_steps` steps), and whenever `flush` is called.
+    """Per-step metrics held in memory and written to the run by a background thread, in one batch
+    every `interval_s` seconds (or `max_steps` steps), and whenever `flush` is called.
 
-    Why: a `log_batch` call is a store round trip (~6 ms of CPU on sqlite, a request on a tracking
-    server) that the training step would otherwise wait for at every step; the lead worker also
-    holds the other ranks at the next collective meanwhile. Every step keeps its own step number and
-    timestamp, so the recorded history is the same as with per-step logging. Callers flush before
-    each checkpoint and at the end (also on errors): a worker killed in between loses only steps that
-    come after its last checkpoint, which the restarted run trains, and logs, again.
+    Why a buffer: a `log_batch` call is a store round trip (~6 ms of CPU on sqlite, a request on a
+    tracking server) that the training step would otherwise wait for at every step; the lead worker
+    also holds the other ranks at the next collective meanwhile. Every step keeps its own step number
+    and timestamp, so the recorded history is the same as with per-step logging.
+
+    Why a thread that never raises: a tracking server that restarts or drops off the network must not
+    end a training run. A failed write keeps its metrics (the oldest beyond `max_pending` are dropped,
+    and counted), is retried with exponential back-off up to `max_backoff_s`, and is reported once
+    per outage as a warning; when the server answers again the whole history lands. `flush` waits
+    at most `wait_s`, and `close` (the end of the run) at most `final_wait_s` for an outage to end.
+    A worker killed during an outage loses what was not yet written (the restarted run resumes
+    after its checkpoint and does not log those steps again).
     """
 
     MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 
-    def __init__(self, run_id: str, *, interval_s: float = 10.0, max_steps: int = 100):
+    def __init__(self, run_id: str, *, interval_s: float = 10.0, max_steps: int = 100, max_pending: int = 500_000,
+                 wait_s: float = 10.0, final_wait_s: float = 600.0, max_backoff_s: float = 60.0):
         self.run_id = run_id
         self.interval_s = interval_s
         self.max_steps = max_steps
-        self._pending: list[Metric] = []
+        self.max_pending = max_pending
+        self.wait_s = wait_s
+        self.final_wait_s = final_wait_s
+        self.max_backoff_s = max_backoff_s
+        self._cond = threading.Condition()
+        self._pending: deque[Metric] = deque()
+        self._added = 0  # metrics handed to the buffer
+        self._done = 0  # of those, written or dropped
+        self.dropped = 0
         self._steps = 0
-        self._last_flush = time.monotonic()
+        self._wanted = 0  # write everything up to this `_added` count as soon as possible
+        self._last_write = time.monotonic()
+        self._failures = 0
+        self._outage_started: float | None = None
+        self._warned_slow = False
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="mlflow-metrics-writer", daemon=True)
+        self._writer.start()
 
     def add(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
-        self._pending.extend(Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if v is not None)
-        self._steps += 1
-        if self._steps >= self.max_steps or time.monotonic() - self._last_flush >= self.interval_s:
-            self.flush()
+        with self._cond:
+            before = len(self._pending)
+            self._pending.extend(Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if v is not None)
+            self._added += len(self._pending) - before
+            self._steps += 1
+            self._drop_beyond_bound()
+            if self._steps >= self.max_steps or time.monotonic() - self._last_write >= self.interval_s:
+                self._request_write()
 
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        client = MlflowClient() if self._pending else None
-        while self._pending:
-            # Dropped only once written: after a failed request the next flush retries the rest.
-            client.log_batch(self.run_id, metrics=self._pending[: self.MAX_BATCH])
-            del self._pending[: self.MAX_BATCH]
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Write everything added so far; wait up to `timeout_s` (default: `wait_s`, or not at all
+        while the store is known to be failing or slow). True when everything is written."""
+        with self._cond:
+            if timeout_s is None:
+                timeout_s = 0.0 if self._outage_started is not None or self._warned_slow else self.wait_s
+            target = self._added
+            self._request_write()
+            done = self._cond.wait_for(lambda: self._done >= target, timeout=timeout_s)
+            if not done and timeout_s > 0 and not self._warned_slow:
+                self._warned_slow = True
+                _log.warning("MLflow has not taken the metrics of run %s for %.0f s (%d pending); training goes "
+                             "on and the writes are retried", self.run_id, timeout_s, len(self._pending))
+            return done
+
+    def close(self) -> bool:
+        """The end of the run: wait up to `final_wait_s` for everything to be written, then stop the
+        writer. Returns whether the whole history was written; what was not is named in a warning."""
+        written = self.flush(self.final_wait_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            lost = len(self._pending)
+        self._writer.join(timeout=5)
+        if lost or self.dropped:
+            _log.warning("run %s: %d metric values could not be written to MLflow (%d dropped over the buffer "
+                         "bound of %d)", self.run_id, lost + self.dropped, self.dropped, self.max_pending)
+        return written and not self.dropped
+
+    def _request_write(self) -> None:
+        self._wanted = self._added
         self._steps = 0
+        self._cond.notify_all()
+
+    def _drop_beyond_bound(self) -> None:
+        excess = len(self._pending) - self.max_pending
+        if excess <= 0:
+            return
+        if not self.dropped:
+            _log.warning("run %s: more than %d metric values waiting for MLflow; dropping the oldest",
+                         self.run_id, self.max_pending)
+        for _ in range(excess):
+            self._pending.popleft()
+        self.dropped += excess
+        self._done += excess
+        self._cond.notify_all()
+
+    def _write_loop(self) -> None:
+        client = MlflowClient()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or (self._pending and self._done < self._wanted)
+                                    or (self._pending and time.monotonic() - self._last_write >= self.interval_s),
+                                    timeout=self.interval_s)
+                if self._closed:
+                    return
+                if not self._pending:
+                    continue
+                batch = [self._pending.popleft() for _ in range(min(self.MAX_BATCH, len(self._pending)))]
+            try:
+                client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # any failure of the store: keep the batch, back off, retry
+                with self._cond:
+                    self._pending.extendleft(reversed(batch))
+                    self._drop_beyond_bound()
+                self._backoff(err)
+                continue
+            with self._cond:
+                self._done += len(batch)
+                self._last_write = time.monotonic()
+                if self._outage_started is not None:
+                    _log.warning("MLflow reachable again after %.0f s; the buffered metrics of run %s are being "
+                                 "written", time.monotonic() - self._outage_started, self.run_id)
+                self._failures = 0
+                self._outage_started = None
+                self._warned_slow = False
+                self._cond.notify_all()
+
+    def _backoff(self, err: Exception) -> None:
+        self._failures += 1
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            _log.warning("MLflow write for run %s failed (%s: %s); training goes on, %d metric values are kept "
+                         "and retried with back-off", self.run_id, type(err).__name__, str(err)[:200],
+                         len(self._pending))
+        delay = min(self.max_backoff_s, 2.0 ** (self._failures - 1))
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed, timeout=delay)
 
 
-def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient().set_terminated(run_id, status=status)
+class SystemMetricsSampler:
+    """CPU, memory, disk, network (and GPU) of this node, sampled every `interval_s` into a
+    `MetricBuffer` as `system/...` metrics at the current training step (`step`, set by the loop).
+
+    MLflow's own SystemMetricsMonitor stops for good at its first failed request; sampling into the
+    buffer instead makes an outage delay these metrics, as it does the training ones. It reuses that
+    monitor's collectors (which find the GPUs) without starting its thread.
+    """
+
+    def __init__(self, buffer: MetricBuffer, *, interval_s: float = 2.0, step: int = 0):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.buffer = buffer
+        self.interval_s = interval_s
+        self.step = step
+        self._collectors = SystemMetricsMonitor(buffer.run_id, sampling_interval=interval_s).monitors
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_loop, name="system-metrics-sampler", daemon=True)
+
+    def start(self) -> SystemMetricsSampler:
+        self._thread.start()
+        return self
+
+    def sample(self) -> None:
+        """Collect and buffer one point (the loop's thread calls it once more at the end: runs shorter
+        than the interval still record their system metrics)."""
+        values: dict[str, float] = {}
+        for collector in self._collectors:
+            collector.collect_metrics()
+            values.update({f"system/{k}": v for k, v in collector.aggregate_metrics().items()})
+            collector.clear_metrics()
+        self.buffer.add(values, step=self.step, timestamp_ms=int(time.time() * 1000))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + 5)
+        try:
+            self.sample()
+        except Exception as err:  # a collector that cannot read this machine: nothing to record
+            _log.warning("system metrics: last sample failed (%s)", err)
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sample()
+            except Exception as err:
+                _log.warning("system metrics: sampling failed, stopping it (%s)", err)
+                return
+
+
+def set_tag(run_id: str, key: str, value: str) -> None:
+    MlflowClient().set_tag(run_id, key, value)
+
+
+def finish_run(run_id: str, status: str = "FINISHED", *, wait_s: float = 300.0) -> bool:
+    """Mark the run ended. The work it records is done by now, so an unreachable store is retried
+    with back-off for up to `wait_s` and then only warned about (the run stays RUNNING in MLflow)
+    rather than failing the job. Returns whether the status was written."""
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        try:
+            MlflowClient().set_terminated(run_id, status=status)
+            return True
+        except Exception as err:  # store unreachable or erroring: the outcome itself is not in doubt
+            if time.monotonic() + delay > deadline:
+                _log.warning("could not mark MLflow run %s %s (%s); it stays RUNNING there", run_id, status, err)
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
