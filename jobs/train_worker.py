@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -461,6 +462,8 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, data, plan, ctx: 
         metrics = _step_metrics(losses, tokens, n, pads, now - step_end, engine, scheduler, loop_norm)
         metrics["data_wait_s"] = data_wait
         metrics["data_wait_fraction"] = data_wait / (now - step_end)
+        # Host memory of this worker so far (Linux reports KiB): flat in the dataset size by design.
+        metrics["worker_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         step_end = now
         last = step + 1
         _trace_samples(cfg, ctx, last, step_ids)
