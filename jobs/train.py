@@ -40,7 +40,11 @@ def _ray_init() -> None:
     if not ray.is_initialized():
         # RAY_ADDRESS (set by `ray job submit` and by `llavactl run`) joins an existing cluster; the
         # job's runtime env carries what workers need (DeepSpeed picks its accelerator at import).
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": worker_env()})
+        # Under `ray job submit` (every KubeRay RayJob) Ray refuses a driver runtime env that repeats
+        # a variable of the job's own runtime env, which reaches the workers anyway: pass the others.
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+        env = {k: v for k, v in worker_env().items() if k not in (job.get("env_vars") or {})}
+        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
 
 
 def _log_config_artifacts(run_id: str, cfg: TrainConfig, world_size: int) -> None:
