@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from llava.data.templates import IMAGE_TOKEN, get_template
+from llava.model.metadata import ModelMetadata, apply_metadata, stop_token_ids, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,7 @@ def build_llava(
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmpl = get_template(template, eos_token=tokenizer.eos_token)
-    model.generation_config.eos_token_id = sorted(
-        {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(tmpl.eos)} - {tokenizer.unk_token_id}
-    )
+    model.generation_config.eos_token_id = list(stop_token_ids(tokenizer, template))
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -141,12 +140,18 @@ def build_llava(
     return model, processor
 
 
-def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out_dir: str | Path) -> Path:
-    """Write the llava-hf directory (safetensors + processor + chat template)."""
+def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out_dir: str | Path,
+               metadata: ModelMetadata | None = None) -> Path:
+    """Write the llava-hf directory (safetensors + processor + chat template). With `metadata`, the
+    chat template and stop tokens saved are the record's, and the record is saved beside them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if metadata is not None:
+        apply_metadata(model, processor, metadata)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if metadata is not None:
+        write_metadata(out, metadata)
     return out
 
 

@@ -2,10 +2,16 @@
 
 Accepted forms:
 - a local directory (or `file://` URI);
-- `runs:/<run_id>/<artifact path>`: artifacts of an MLflow run;
+- `runs:/<run_id>/<artifact path>`: the run's logged MLflow Model of that name, else its artifacts;
 - `models:/<name>@<alias>` or `models:/<name>/<version>`: a registry version (alias resolved first);
+- `models:/m-<id>`: an MLflow 3 LoggedModel;
 - `s3://bucket/prefix`: objects under a prefix of any S3-compatible store (endpoint and
   credentials as `llava_platform.storage` finds them).
+
+What is found there is either an MLflow Model (an `MLmodel` file, the llava-hf directory at
+`artifacts/llava_hf/`, as `llava_platform.logged_model` logs every model now) or a bare llava-hf
+directory (how versions were registered before; still resolved). Either way the result is the
+llava-hf directory itself.
 
 Remote models are downloaded once into a cache keyed by what identifies their content (run id +
 path, registry version's run + source, S3 keys with ETags), so resolving the same thing again does
@@ -28,6 +34,8 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+# MLflow 3 LoggedModel ids: `models:/m-<hex>` names a logged model, not a registered one.
+LOGGED_MODEL_PREFIX = "m-"
 # Marker written last into a cache entry; entries without it are incomplete and ignored.
 COMPLETE_MARKER = ".llava-complete.json"
 
@@ -59,7 +67,13 @@ def resolve_model_dir(
         return _check_model_dir(Path(text).expanduser(), text)
     if text.startswith("runs:/"):
         run_id, path = split_runs_uri(text)
-        return _resolve_run_artifacts(_mlflow_client(client, tracking_uri), run_id, path, cache, text)
+        mlflow_client = _mlflow_client(client, tracking_uri)
+        model_id = _run_logged_model_id(mlflow_client, run_id, path)
+        if model_id is not None:
+            return _resolve_logged_model(mlflow_client, model_id, cache, text, tracking_uri)
+        return _resolve_run_artifacts(mlflow_client, run_id, path, cache, text)
+    if text.startswith("models:/") and _is_logged_model_id(model_id := text[len("models:/"):].strip("/")):
+        return _resolve_logged_model(_mlflow_client(client, tracking_uri), model_id, cache, text, tracking_uri)
     if text.startswith("models:/"):
         return _resolve_registry(_mlflow_client(client, tracking_uri), text, cache, tracking_uri)
     if text.startswith("s3://"):
@@ -75,9 +89,20 @@ def _mlflow_client(client: MlflowClient | None, tracking_uri: str | None) -> Mlf
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+# Where an MLflow Model logged by llava_platform.logged_model keeps the llava-hf files.
+MLFLOW_LLAVA_HF_SUBDIR = "artifacts/llava_hf"
+
+
 def _check_model_dir(path: Path, uri: str) -> Path:
+    """The llava-hf directory at `path`: `path` itself, or inside it when `path` is an MLflow Model."""
     if not path.is_dir():
         raise ModelURIError(f"model {uri!r}: {path} is not a directory")
+    if (path / "MLmodel").is_file():
+        inner = path / MLFLOW_LLAVA_HF_SUBDIR
+        if not (inner / "config.json").is_file():
+            raise ModelURIError(f"model {uri!r}: {path} is an MLflow Model without a llava-hf directory "
+                                f"at {MLFLOW_LLAVA_HF_SUBDIR}/ (not logged by llava_platform)")
+        return inner
     if not (path / "config.json").is_file():
         raise ModelURIError(f"model {uri!r}: {path} has no config.json (not a llava-hf model directory)")
     return path
@@ -159,9 +184,66 @@ def resolve_registry_version(client: MlflowClient, uri: str):
         raise ModelURIError(f"model URI {uri!r}: {exc.message}") from None
 
 
+def _is_logged_model_id(rest: str) -> bool:
+    return rest.startswith(LOGGED_MODEL_PREFIX) and not any(ch in rest for ch in "/@")
+
+
+def version_logged_model_id(mv) -> str | None:
+    """The LoggedModel a registry version was made from (its source `models:/m-<id>`), if any. The
+    open-source stores keep the link only in the source; `mv.model_id` is filled by some others."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = mv.source or ""
+    rest = source[len("models:/"):].strip("/") if source.startswith("models:/") else ""
+    return rest if _is_logged_model_id(rest) else None
+
+
+def _run_logged_model_id(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """The id of the run's READY LoggedModel named `path` (runs:/<id>/model since MLflow 3), if any."""
+    from mlflow.exceptions import MlflowException
+
+    if not path or "/" in path:
+        return None
+    try:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"name = '{path}' AND source_run_id = '{run_id}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}])
+    except MlflowException:
+        return None  # no such run here: the artifact download names the problem
+    ready = [m for m in found if str(m.status).endswith("READY")]
+    return ready[0].model_id if ready else None
+
+
+def _resolve_logged_model(client: MlflowClient, model_id: str, cache: Path, uri: str,
+                          tracking_uri: str | None) -> Path:
+    """A LoggedModel's llava-hf directory: in place on a local artifact store, else downloaded once
+    (a LoggedModel's artifacts never change, so its id is the cache key)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        location = client.get_logged_model(model_id).artifact_location
+    except MlflowException as exc:
+        raise ModelURIError(f"model {uri!r}: {exc.message}") from None
+    local = Path(urlparse(location).path) if location.startswith("file://") else Path(location)
+    if "://" not in location.replace("file://", "", 1) and local.is_dir():
+        return _check_model_dir(local, uri)
+
+    def fetch(tmp: Path) -> Path:
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(tmp),
+                                                        tracking_uri=tracking_uri))
+
+    return _cached(cache, f"logged/{_safe(model_id)}", uri, fetch)
+
+
 def _resolve_registry(client: MlflowClient, uri: str, cache: Path, tracking_uri: str | None) -> Path:
     mv = resolve_registry_version(client, uri)
     source = mv.source
+    model_id = version_logged_model_id(mv)
+    if model_id is not None:
+        return _resolve_logged_model(client, model_id, cache, uri, tracking_uri)
     # The key names the immutable version and its source, not the alias: moving an alias to a new
     # version resolves to a new entry, while resolving the same version again is a cache hit.
     digest = hashlib.sha256(f"{mv.run_id}|{source}".encode()).hexdigest()[:12]
