@@ -195,20 +195,31 @@ def run_bench(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
 def identify_model(cfg: EvaluateConfig) -> dict[str, Any]:
     """What is being evaluated. A models:/ alias is pinned to its version now, so the alias moving
     during the evaluation cannot mix two models' results."""
-    from llava_platform.model_uri import resolve_registry_version, split_runs_uri
+    from llava_platform.model_uri import resolve_registry_version, split_runs_uri, version_logged_model_id
 
     info: dict[str, Any] = {"uri": cfg.model, "resolve_uri": cfg.model}
+    from llava_platform.logged_model import find_logged_model
+    from llava_platform.registry import get_client
+
     if cfg.model.startswith(PIPELINE_PREFIX):
         run_id = _pipeline_phase_run(cfg)
         info.update(run_id=run_id, resolve_uri=f"runs:/{run_id}/model")
     elif cfg.model.startswith("runs:/"):
         info["run_id"] = split_runs_uri(cfg.model)[0]
+    elif cfg.model.startswith("models:/m-") and not any(ch in cfg.model[len("models:/"):] for ch in "/@"):
+        info["model_id"] = cfg.model[len("models:/"):]
     elif cfg.model.startswith("models:/"):
-        from llava_platform.registry import get_client
-
         mv = resolve_registry_version(get_client(cfg.tracking.tracking_uri), cfg.model)
         info.update(name=mv.name, version=str(mv.version), run_id=mv.run_id,
                     resolve_uri=f"models:/{mv.name}/{mv.version}")
+        if version_logged_model_id(mv):
+            info["model_id"] = version_logged_model_id(mv)
+    if info.get("run_id") and "model_id" not in info and info["resolve_uri"].startswith("runs:/"):
+        # The MLflow Model the run logged: the evaluation's metrics are linked to it (its model page).
+        path = split_runs_uri(info["resolve_uri"])[1]
+        logged = find_logged_model(get_client(_tracking_uri(cfg)), info["run_id"], path) if path else None
+        if logged is not None:
+            info["model_id"] = logged.model_id
     return info
 
 
@@ -251,6 +262,8 @@ def start_eval_run(cfg: EvaluateConfig, model_info: dict[str, Any]) -> str:
         tags["llava.evaluated_run_id"] = model_info["run_id"]
     if model_info.get("version"):
         tags.update({"llava.model_name": model_info["name"], "llava.model_version": model_info["version"]})
+    if model_info.get("model_id"):
+        tags["llava.model_id"] = model_info["model_id"]
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     tracking.log_params(run_id, cfg.model_dump(mode="json"))
@@ -262,7 +275,12 @@ def finish_eval_run(cfg: EvaluateConfig, run_id: str, model_info: dict[str, Any]
     from llava_platform import registry, tracking
 
     client = registry.get_client(_tracking_uri(cfg))
-    tracking.log_metrics(run_id, metrics, step=0, timestamp_ms=int(time.time() * 1000))
+    if model_info.get("model_id"):
+        from llava_platform.logged_model import log_model_metrics
+
+        log_model_metrics(client, run_id, model_info["model_id"], metrics)
+    else:  # a model directory or a run from before models were logged as MLflow Models
+        tracking.log_metrics(run_id, metrics, step=0, timestamp_ms=int(time.time() * 1000))
     client.log_artifacts(run_id, str(out_dir), "eval")
     tracking.finish_run(run_id)
     if model_info.get("version") and cfg.tracking.record_on_version:

@@ -28,6 +28,7 @@ from llava.data.templates import get_template
 from llava.model.builder import build_llava, save_llava
 from llava.model.freezing import PartModes, apply_freezing, describe_trainable, total_parameters
 from llava.model.lora import LoraSettings, apply_lora, merged_from_adapter, quantization_config, save_adapter
+from llava.model.metadata import ModelMetadata, describe_model, read_metadata
 from llava.train.dataset import TrainSample, check_fits_global_batch
 from llava.train.deepspeed_config import BatchPlan, deepspeed_config
 from llava.train.grad_norm import global_grad_norm
@@ -48,6 +49,7 @@ from llava.train.packing import (
 )
 from llava.train.state import Position, load_rank_state, save_rank_state
 from llava_platform import storage, tracking
+from llava_platform.logged_model import log_llava_model
 
 DS_TAG = "ds"
 
@@ -133,6 +135,7 @@ def _load_model(cfg: TrainConfig) -> LoadedModel:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         processor = AutoProcessor.from_pretrained(base)
         _check_template(processor, cfg)
+        _check_init_metadata(base, cfg)
         return LoadedModel(model, processor, base)
     m = cfg.model
     model, processor = build_llava(m.vision, m.language_model, projector=m.projector,
@@ -277,6 +280,24 @@ def _publish(src: str, uri: str) -> None:
     staging.rename(dst)  # the export appears whole or not at all
 
 
+def _export_metadata(cfg: TrainConfig, processor) -> ModelMetadata:
+    """This export's record: the stage's template and image mode; the base models carry over from
+    the model it was initialised from (stage 2 names the same CLIP and LM as its stage 1)."""
+    init = read_metadata(_init_source(cfg.model.init_from)) if cfg.model.init_from else None
+    return describe_model(processor, template=cfg.data.template, image_mode=cfg.data.image_mode,
+                          base_vision=init.base_vision if init else cfg.model.vision,
+                          base_language_model=init.base_language_model if init else cfg.model.language_model,
+                          stage=cfg.stage)
+
+
+def _check_init_metadata(base: str, cfg: TrainConfig) -> None:
+    """Images must be prepared as the initial model saw them: its projector was trained on that."""
+    init = read_metadata(base) if os.path.isdir(base) else None
+    if init is not None and init.image_mode != cfg.data.image_mode:
+        raise ValueError(f"model.init_from {cfg.model.init_from} was trained with image_mode {init.image_mode!r} "
+                         f"but data.image_mode is {cfg.data.image_mode!r}: set data.image_mode={init.image_mode}")
+
+
 def _export(engine, processor, cfg: TrainConfig, ctx: WorkerContext, zero_stage: int) -> str | None:
     """Write the llava-hf directory (ZeRO-3: gather full weights first) and log it to MLflow. A
     LoRA run also writes its adapter alone (PEFT layout) and exports the adapter merged into the
@@ -284,7 +305,7 @@ def _export(engine, processor, cfg: TrainConfig, ctx: WorkerContext, zero_stage:
     import deepspeed
 
     model = engine.module
-    processor.chat_template = get_template(cfg.data.template, eos_token=processor.tokenizer.eos_token).chat_template
+    meta = _export_metadata(cfg, processor)
     lora = cfg.method.uses_lora()
     params = [p for p in model.parameters() if p.requires_grad or not lora] if zero_stage == 3 else []
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
@@ -294,17 +315,18 @@ def _export(engine, processor, cfg: TrainConfig, ctx: WorkerContext, zero_stage:
             if lora:
                 base = _init_source(cfg.model.init_from)
                 adapter = save_adapter(model, os.path.join(tmp, "adapter"), cfg.model.init_from)
-                save_llava(merged_from_adapter(base, adapter), processor, os.path.join(tmp, "model"))
+                save_llava(merged_from_adapter(base, adapter), processor, os.path.join(tmp, "model"), meta)
                 _publish(str(adapter), cfg.adapter_destination())
                 _publish(os.path.join(tmp, "model"), cfg.output)
             else:
-                save_llava(model, processor, os.path.join(tmp, "model"))
+                save_llava(model, processor, os.path.join(tmp, "model"), meta)
                 _publish(os.path.join(tmp, "model"), cfg.output)
             if ctx.run_id:
                 from mlflow.tracking import MlflowClient
 
                 client = MlflowClient()
-                client.log_artifacts(ctx.run_id, os.path.join(tmp, "model"), "model")
+                # An MLflow Model (pyfunc + the llava-hf files), the LoggedModel `model` of this run.
+                log_llava_model(ctx.run_id, os.path.join(tmp, "model"), client=client, metadata=meta.to_dict())
                 if lora:
                     client.log_artifacts(ctx.run_id, os.path.join(tmp, "adapter"), "adapter")
                     # What the registry copies into the version's lineage (registry.collect_lineage).
