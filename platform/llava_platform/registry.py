@@ -92,6 +92,17 @@ def _version_source(client: MlflowClient, run_id: str, artifact_path: str) -> st
     return f"{base}/{artifact_path.strip('/')}" if artifact_path else base
 
 
+def _registration_source(client: MlflowClient, run_id: str, artifact_path: str) -> tuple[str, str | None]:
+    """The run's LoggedModel named `artifact_path` (an MLflow Model: `models:/<model id>`), else, for
+    runs that logged a bare llava-hf directory, that artifact directory itself."""
+    from llava_platform.logged_model import find_logged_model
+
+    logged = find_logged_model(client, run_id, artifact_path.strip("/")) if artifact_path.strip("/") else None
+    if logged is not None:
+        return f"models:/{logged.model_id}", logged.model_id
+    return _version_source(client, run_id, artifact_path), None
+
+
 def find_version_for_run(
     name: str, run_id: str, artifact_path: str = "model", *, client: MlflowClient | None = None
 ) -> ModelVersion | None:
@@ -115,7 +126,9 @@ def register_version(
     candidate_alias: str | None = CANDIDATE,
     description: str | None = None,
 ) -> str:
-    """Register the llava-hf directory logged under `artifact_path` of `run_id` as a version of `name`.
+    """Register the model logged under `artifact_path` of `run_id` as a version of `name`: the run's
+    MLflow Model of that name (linked to the version as its LoggedModel), or a bare llava-hf artifact
+    directory for runs from before models were logged as MLflow Models.
 
     Idempotent: a second call for the same run and artifact path returns the existing version
     (its tags are refreshed). The new version gets `candidate_alias` unless that is None.
@@ -127,8 +140,10 @@ def register_version(
     all_tags = {"llava.run_id": run_id, "llava.artifact_path": artifact_path.strip("/")}
     all_tags.update({k: _tag_value(v) for k, v in (tags or {}).items()})
     if existing is None:
-        source = _version_source(client, run_id, artifact_path)
-        mv = client.create_model_version(name, source, run_id=run_id, tags=all_tags, description=description)
+        source, model_id = _registration_source(client, run_id, artifact_path)
+        all_tags["llava.model_format"] = "mlflow-model" if model_id else "llava-hf"
+        mv = client.create_model_version(name, source, run_id=run_id, tags=all_tags, description=description,
+                                         model_id=model_id)
         version = str(mv.version)
         _wait_ready(client, name, version)
     else:
