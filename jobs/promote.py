@@ -8,7 +8,9 @@ Steps, each safe to repeat (the Kubernetes operator retries a failed job as a wh
 3. tag lineage (data URIs + digests, stage-1 run, config digest, code version) from the training runs;
 4. copy the evaluation run's metrics onto the version (`metrics.eval_run_id`, else the newest run of
    this pipeline's `evaluate` phase, else the newest run that evaluated this stage-2 run);
-5. move `alias` to the version if the gate passes (or `force` with a `reason`).
+5. move `alias` to the version if the gate passes (or `force` with a `reason`); the default gate
+   refuses a version without evaluation metrics, the first one included. Concurrent promotions
+   of one model each record their move (llava_platform.registry: one history tag per entry).
 
 The job logs its own MLflow run (phase `promote`) holding the gate decision. Exit codes: 0 promoted
 (or already promoted), 3 refused by the gate (when `fail_on_refusal`), 2 bad configuration.

@@ -5,9 +5,18 @@ Works against any tracking/registry URI MLflow understands (sqlite for the embed
 retry after a crash or a timeout converges on the same state instead of duplicating it:
 
 - `register_version` finds the version already made from the same run + artifact path;
-- alias moves are recorded in a JSON history tag on the registered model *before* the alias is
-  set, and the alias is always re-derived from that history, so a half-finished move is completed
-  by the retry rather than applied twice.
+- alias moves are recorded in the registered model's alias history *before* the alias is set,
+  and the alias is always re-derived from that history, so a half-finished move is completed by
+  the retry rather than applied twice.
+
+The history is one tag per entry (`llava.alias_history.<seq>.<time>.<nonce>`), never a read-
+modify-write of one shared value: MLflow has no compare-and-set, and two promotions rewriting one
+JSON list would each drop the other's entry. Entries sort by sequence number (the count of entries
+the writer saw, so sequential writers order correctly whatever their clocks), then time and
+nonce; after writing its entry a writer points the alias at the top of the replayed history and
+reads it again until that stops changing, so concurrent moves converge on one alias holder with
+every entry kept. Histories written by earlier versions (one JSON list in `llava.alias_history`)
+are read first.
 
 Evaluation metrics live on the version as tags `metric.<name>` (written by `jobs.evaluate`), which
 is what the promotion gate reads.
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -30,13 +40,15 @@ if TYPE_CHECKING:  # mlflow is heavy; imported inside functions
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-HISTORY_TAG = "llava.alias_history"
+HISTORY_TAG = "llava.alias_history"  # earlier versions: the whole history as one JSON list (read only)
+HISTORY_ENTRY_PREFIX = HISTORY_TAG + "."  # one tag per entry
 METRIC_PREFIX = "metric."
 LINEAGE_PREFIX = "llava.lineage."
 # Bounded so the JSON stays far below MLflow's tag value limit; older entries are dropped first.
 HISTORY_MAX_ENTRIES = 200
 CHAMPION = "champion"
 CANDIDATE = "candidate"
+_log = logging.getLogger(__name__)
 
 
 class RegistryError(RuntimeError):
@@ -288,18 +300,34 @@ def attach_eval_run(name: str, version: str, eval_run_id: str, *, client: Mlflow
     return metrics
 
 
-def _data_digest(uri: str) -> str | None:
-    """sha256 of a data manifest/records file, or None where it cannot be read from here."""
+def _data_digest(uri: str) -> tuple[str | None, str | None]:
+    """(sha256 of a data manifest/records file, None), or (None, why it cannot be read from here).
+    Only storage errors count as unreadable: anything else is a bug and raises."""
     import hashlib
 
     from llava_platform import storage
 
     try:
-        if not storage.is_s3(uri) and not storage.local_path(uri).is_file():
-            return None
-        return "sha256:" + hashlib.sha256(storage.read_bytes(uri)).hexdigest()
-    except Exception:  # lineage is best effort: an unreadable file must not block registration
-        return None
+        return "sha256:" + hashlib.sha256(storage.read_bytes(uri)).hexdigest(), None
+    except storage.StorageError as err:
+        return None, str(err)
+
+
+def _data_digests(run_id: str, data_uris: dict[str, str], tags: dict[str, str]) -> tuple[dict, dict]:
+    """Digests of the run's data (recorded by the job, else computed here) and, for each file that
+    could not be read, the reason: lineage without a digest is recorded as such, never silently."""
+    digests: dict[str, str] = {}
+    unavailable: dict[str, str] = {}
+    for key, uri in data_uris.items():
+        digest, why = tags.get(f"llava.data_digest.{key}"), None
+        if not digest:
+            digest, why = _data_digest(uri)
+        if digest:
+            digests[key] = digest
+        else:
+            unavailable[key] = why or "unknown"
+            _log.warning("lineage of run %s: no digest of the %s data (%s)", run_id, key, why)
+    return digests, unavailable
 
 
 def collect_lineage(client: MlflowClient, stage2_run_id: str, stage1_run_id: str | None = None) -> dict[str, Any]:
@@ -323,15 +351,19 @@ def collect_lineage(client: MlflowClient, stage2_run_id: str, stage1_run_id: str
         records = client.get_run(stage1_run_id).data.params.get("data.records")
         if records:
             data_uris["stage1"] = records
-    digests = {k: d for k, uri in data_uris.items() if (d := tags.get(f"llava.data_digest.{k}") or _data_digest(uri))}
+    digests, unavailable = _data_digests(stage2_run_id, data_uris, tags)
+    extra: dict[str, Any] = {}
+    if params.get("model.init_from"):
+        extra["init_from"] = params["model.init_from"]
+    for key in ("base_model", "adapter"):  # LoRA runs (jobs/train_worker.py): the base and its adapter
+        if tags.get(f"llava.{key}"):
+            extra[key] = tags[f"llava.{key}"]
+    if unavailable:
+        extra["digest_unavailable"] = unavailable
     config_digest = tags.get("llava.config_digest") or hashlib.sha256(
         json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     code = tags.get("llava.code_version") or (
         f"git:{tags['mlflow.source.git.commit']}" if tags.get("mlflow.source.git.commit") else None)
-    extra = {"init_from": params["model.init_from"]} if params.get("model.init_from") else {}
-    for key in ("base_model", "adapter"):  # LoRA runs (jobs/train_worker.py): the base and its adapter
-        if tags.get(f"llava.{key}"):
-            extra[key] = tags[f"llava.{key}"]
     return {"data_uris": data_uris, "manifest_digests": digests, "stage1_run_id": stage1_run_id,
             "config_digest": config_digest, "code": code or code_version(), "extra": extra or None}
 
@@ -354,6 +386,9 @@ class RegressionRule(StrictModel):
 class GateConfig(StrictModel):
     thresholds: dict[str, MetricBound] = {}
     regression: RegressionRule = RegressionRule()
+    # A version with no evaluation metrics at all is refused (only `force` with a reason moves the
+    # alias): with no thresholds and no champion yet, nothing else would stop an unevaluated model.
+    require_evaluation: bool = True
 
 
 def load_gate(path: str | Path | None, overrides: list[str] | None = None) -> GateConfig:
@@ -400,8 +435,13 @@ class GateDecision:
 def evaluate_gate(
     gate: GateConfig, candidate: dict[str, float], champion: dict[str, float] | None
 ) -> tuple[bool, list[GateCheck]]:
-    """Pure gate logic: thresholds on the candidate, then no regression against the champion."""
+    """Pure gate logic: evaluation present, thresholds on the candidate, then no regression against
+    the champion."""
     checks: list[GateCheck] = []
+    if gate.require_evaluation and not candidate:
+        checks.append(GateCheck("metric.*", "evaluated", None, None, False,
+                                "no evaluation metrics on the candidate (metric.* tags): evaluate it first, "
+                                "or force with a reason"))
     for metric, bound in sorted(gate.thresholds.items()):
         value = candidate.get(metric)
         for kind, limit in (("min", bound.min), ("max", bound.max)):
@@ -450,20 +490,68 @@ def _actor() -> str:
         return "unknown"
 
 
-def alias_history(name: str, *, client: MlflowClient | None = None) -> list[dict[str, Any]]:
-    client = _client(client)
-    raw = (client.get_registered_model(name).tags or {}).get(HISTORY_TAG)
-    if not raw:
-        return []
+def _history_json(name: str, key: str, raw: str) -> Any:
     try:
-        data = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise RegistryError(f"{name}: tag {HISTORY_TAG} is not valid JSON ({exc})") from None
-    return list(data) if isinstance(data, list) else []
+        raise RegistryError(f"{name}: tag {key} is not valid JSON ({exc})") from None
 
 
-def _write_history(client: MlflowClient, name: str, history: list[dict[str, Any]]) -> None:
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_MAX_ENTRIES:]))
+def _entry_tags(tags: dict[str, str]) -> list[str]:
+    """The per-entry history tag keys, oldest first (sequence, then time, then nonce)."""
+    return sorted(k for k in tags if k.startswith(HISTORY_ENTRY_PREFIX))
+
+
+def alias_history(name: str, *, client: MlflowClient | None = None) -> list[dict[str, Any]]:
+    """Every recorded alias move of `name`, oldest first."""
+    client = _client(client)
+    tags = client.get_registered_model(name).tags or {}
+    history: list[dict[str, Any]] = []
+    if tags.get(HISTORY_TAG):
+        legacy = _history_json(name, HISTORY_TAG, tags[HISTORY_TAG])
+        history += list(legacy) if isinstance(legacy, list) else []
+    history += [_history_json(name, key, tags[key]) for key in _entry_tags(tags)]
+    return history
+
+
+def _append_history(client: MlflowClient, name: str, entry: dict[str, Any], seen: int) -> None:
+    """Add one entry as its own tag; `seen` is how many entries the writer read before deciding.
+    Entries beyond HISTORY_MAX_ENTRIES are pruned oldest first."""
+    import time
+    import uuid
+
+    key = f"{HISTORY_ENTRY_PREFIX}{seen:08d}.{time.time_ns():020d}.{uuid.uuid4().hex[:8]}"
+    client.set_registered_model_tag(name, key, json.dumps(entry))
+    keys = _entry_tags(client.get_registered_model(name).tags or {})
+    for old in keys[: max(0, len(keys) - HISTORY_MAX_ENTRIES)]:
+        _delete_model_tag(client, name, old)
+
+
+def _delete_model_tag(client: MlflowClient, name: str, key: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model_tag(name, key)
+    except MlflowException as exc:
+        if not _is_missing(exc):  # a concurrent writer pruned it first
+            raise
+
+
+def _settle_alias(client: MlflowClient, name: str, alias: str, attempts: int = 20) -> str | None:
+    """Point `alias` at the top of its replayed history, then read the history again until it no
+    longer changes underneath: the last writer's final read sees every entry, so concurrent
+    moves end on one holder. Returns that holder (None when the history holds no version)."""
+    target = None
+    for _ in range(attempts):
+        stack = replay_stack(alias_history(name, client=client), alias)
+        if stack and stack[-1] == target:
+            return target
+        if not stack:
+            return None
+        target = stack[-1]
+        if current_alias_version(name, alias, client=client) != target:
+            client.set_registered_model_alias(name, alias, target)
+    raise RegistryError(f"{name}@{alias}: its history kept changing over {attempts} reads; retry the move")
 
 
 def replay_stack(history: list[dict[str, Any]], alias: str) -> list[str]:
@@ -508,13 +596,10 @@ def _move_alias(
     history = alias_history(name, client=client)
     stack = replay_stack(history, alias)
     if not (stack and stack[-1] == version):
-        history.append(
-            {"alias": alias, "action": action, "from": previous, "to": version, "who": _actor(),
-             "when": _now(), "reason": reason}
-        )
-        _write_history(client, name, history)
-    if previous != version:
-        client.set_registered_model_alias(name, alias, version)
+        entry = {"alias": alias, "action": action, "from": previous, "to": version, "who": _actor(),
+                 "when": _now(), "reason": reason}
+        _append_history(client, name, entry, len(history))
+    _settle_alias(client, name, alias)
     return previous
 
 
@@ -625,11 +710,9 @@ def rollback(
     if len(stack) < 2 or stack[-1] != current:
         raise RegistryError(f"{name}@{alias}: no earlier {alias} recorded in the alias history to roll back to")
     target = stack[-2]
-    history.append({"alias": alias, "action": "rollback", "from": current, "to": target, "who": _actor(),
-                    "when": _now(), "reason": None})
-    _write_history(client, name, history)
-    client.set_registered_model_alias(name, alias, target)
-    return RollbackResult(name, alias, current, target)
+    _append_history(client, name, {"alias": alias, "action": "rollback", "from": current, "to": target,
+                                   "who": _actor(), "when": _now(), "reason": None}, len(history))
+    return RollbackResult(name, alias, current, _settle_alias(client, name, alias) or target)
 
 
 # --------------------------------------------------------------------------- listing

@@ -58,7 +58,7 @@ def test_runs_and_models_uris_on_sqlite(mlflow_sqlite, tiny_llava_dir, tmp_path)
 
     name = f"llava-{uuid.uuid4().hex[:6]}"
     version = reg.register_version(name, run_id, client=client)
-    reg.promote(name, version, client=client)
+    reg.promote(name, version, force=True, reason="resolution test: no evaluation needed", client=client)
     for uri in (f"models:/{name}@champion", f"models:/{name}/{version}"):
         resolved = resolve_model_dir(uri, cache, client=client)
         _same_files(resolved, Path(tiny_llava_dir))

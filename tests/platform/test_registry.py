@@ -362,7 +362,9 @@ def test_collect_lineage_finds_stage1_by_pipeline_or_parent(backend, tmp_path):
     import hashlib
 
     assert lineage["manifest_digests"] == {"stage2": "sha256:" + hashlib.sha256(records.read_bytes()).hexdigest()}
-    assert lineage["code"] == "git:abc123" and lineage["extra"] == {"init_from": "/work/models/stage1"}
+    assert lineage["code"] == "git:abc123" and lineage["extra"]["init_from"] == "/work/models/stage1"
+    # stage 1's records are not readable from here: said so in the lineage, not silently left out
+    assert "s3://data/stage1.json" in lineage["extra"]["digest_unavailable"]["stage1"]
     assert lineage["config_digest"] == reg.collect_lineage(client, stage2)["config_digest"]  # stable
 
 
@@ -373,3 +375,74 @@ def test_alias_set_outside_the_history_can_still_be_rolled_back_to(backend, tmp_
     client.set_registered_model_alias(name, "champion", v1)  # by hand, e.g. in the MLflow UI
     assert reg.promote(name, v2, client=client).promoted
     assert reg.rollback(name, client=client).to_version == v1
+
+
+def test_eight_concurrent_promotions_keep_every_history_entry(mlflow_server, tmp_path, name):
+    """Eight promoters at once against one `mlflow server`: every move is in the history, and the
+    alias ends on the version the replayed history puts on top."""
+    import threading
+
+    client = mlflow_server.client()
+    versions = [_register(mlflow_server, tmp_path, name, f"c{i}", {"shapes.accuracy": 0.9, "scienceqa.accuracy": 0.9})
+                for i in range(8)]
+    start = threading.Barrier(len(versions))
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        try:
+            start.wait()
+            assert reg.promote(name, version, client=mlflow_server.client()).promoted
+        except BaseException as exc:  # surfaced below: a thread's exception would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    champion = [e for e in reg.alias_history(name, client=client) if e["alias"] == "champion"]
+    assert sorted(e["to"] for e in champion) == sorted(versions)
+    assert reg.current_alias_version(name, "champion", client=client) == reg.replay_stack(champion, "champion")[-1]
+    # and the history stays usable: a rollback moves to the entry below the top
+    back = reg.rollback(name, client=client)
+    assert back.to_version == reg.replay_stack(champion, "champion")[-2]
+
+
+def test_default_gate_refuses_an_unevaluated_first_model_unless_forced(backend, tmp_path, name):
+    client = backend.client()
+    version = _register(backend, tmp_path, name, "a")  # no metric.* tags
+    refused = reg.promote(name, version, client=client)
+    assert not refused.promoted and not refused.passed
+    assert any("no evaluation metrics" in r for r in refused.reasons)
+    assert reg.current_alias_version(name, "champion", client=client) is None
+    forced = reg.promote(name, version, force=True, reason="smoke-test model, evaluated by hand", client=client)
+    assert forced.promoted and forced.forced
+    assert reg.current_alias_version(name, "champion", client=client) == version
+
+
+def test_history_written_as_one_json_tag_by_earlier_versions_is_still_read(backend, tmp_path, name):
+    client = backend.client()
+    v1 = _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.8})
+    v2 = _register(backend, tmp_path, name, "b", {"shapes.accuracy": 0.9})
+    legacy = [{"alias": "champion", "action": "promote", "from": None, "to": v1, "who": "x", "when": "t", "reason": None}]
+    client.set_registered_model_tag(name, reg.HISTORY_TAG, json.dumps(legacy))
+    client.set_registered_model_alias(name, "champion", v1)
+    assert reg.promote(name, v2, client=client).promoted
+    assert [(e["from"], e["to"]) for e in reg.alias_history(name, client=client) if e["alias"] == "champion"] == [
+        (None, v1), (v1, v2)]
+    assert reg.rollback(name, client=client).to_version == v1
+
+
+def test_a_data_file_that_cannot_be_digested_is_recorded_in_the_lineage(backend, tmp_path, s3_bucket):
+    client = backend.client()
+    exp = backend.new_experiment("digest")
+    stage2 = client.create_run(exp).info.run_id
+    client.log_param(stage2, "data.records", str(tmp_path / "gone.json"))  # deleted since training
+    lineage = reg.collect_lineage(client, stage2)
+    assert lineage["manifest_digests"] == {}
+    assert "gone.json" in lineage["extra"]["digest_unavailable"]["stage2"]
+    other = client.create_run(exp).info.run_id
+    client.log_param(other, "data.records", f"s3://{s3_bucket}/missing/stage2.json")
+    reason = reg.collect_lineage(client, other)["extra"]["digest_unavailable"]["stage2"]
+    assert "missing/stage2.json" in reason and "NoSuchKey" in reason
