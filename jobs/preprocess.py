@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from llava.data.templates import TemplateName
 from llava.train.sample_index import INDEX_SCHEMA, MANIFEST_FORMAT
 from llava_platform import storage
 from llava_platform.config import ConfigError, StrictModel, config_digest, flatten, job_arguments, load_config
@@ -82,7 +83,7 @@ class PreprocessConfig(StrictModel):
     input_format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
     image_root: str | None = None  # default: the directory holding the input file
     processor: str  # a saved llava-hf model/processor directory (local or s3://)
-    template: Literal["plain", "vicuna_v1", "chatml"] = "vicuna_v1"
+    template: TemplateName = "vicuna_v1"
     max_length: int = Field(2048, ge=8)
     rows_per_shard: int = Field(1000, ge=1)
     # Rows per Parquet row group: the unit a training worker reads to get one sample, so small.

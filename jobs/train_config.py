@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from llava.data.templates import TemplateName
 from llava_platform.config import StrictModel
 
 
@@ -33,7 +34,7 @@ class DataSection(StrictModel):
     records: str | None = Field(None, description="LLaVA JSON/JSONL file (quick path)")
     image_root: str | None = None
     processed: str | None = Field(None, description="processed Parquet shards (URI) from jobs.preprocess")
-    template: Literal["plain", "vicuna_v1", "chatml"] = "vicuna_v1"
+    template: TemplateName = "vicuna_v1"  # a name of llava.data.templates.TEMPLATES
     max_length: int = Field(2048, gt=0)
     image_mode: Literal["pad", "resize"] = "pad"
     group_by_modality_length: bool = True

@@ -9,7 +9,9 @@ glue that space onto the answer's first token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 IMAGE_TOKEN = "<image>"
 
@@ -37,11 +39,11 @@ class Template:
     chat_template: str  # Jinja, for LlavaProcessor / tokenizer.apply_chat_template
 
     def render(self, messages: list[dict]) -> RenderedPrompt:
-        return _RENDERERS[self.name]([images_first(m) for m in messages], self.eos)
+        return TEMPLATES[self.name].render([images_first(m) for m in messages], self.eos)
 
     def generation_prompt(self, messages: list[dict]) -> str:
         """Rendered history followed by the opening of an assistant turn."""
-        return self.render(messages).text + _GEN_PROMPT[self.name]
+        return self.render(messages).text + TEMPLATES[self.name].generation_prompt
 
 
 def images_first(message: dict) -> dict:
@@ -114,8 +116,28 @@ def _render_plain(messages: list[dict], eos: str) -> RenderedPrompt:
     return out
 
 
-_RENDERERS = {"vicuna_v1": _render_vicuna, "chatml": _render_chatml, "plain": _render_plain}
-_GEN_PROMPT = {"vicuna_v1": "ASSISTANT:", "chatml": "<|im_start|>assistant\n", "plain": ""}
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+def _llama3_header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def _render_llama3(messages: list[dict], eos: str) -> RenderedPrompt:
+    """Llama-3 instruct turns (LLaVA-NeXT's llava_llama_3); the tokenizer adds <|begin_of_text|>."""
+    system, turns = _split_system(messages, LLAMA3_SYSTEM)
+    _check_alternation(turns)
+    out = RenderedPrompt(_llama3_header("system") + system + eos)
+    for msg in turns:
+        out.text += _llama3_header(msg["role"])
+        start = len(out.text)
+        out.text += msg["content"] + eos
+        if msg["role"] == "assistant":
+            out.supervised.append((start, len(out.text)))
+    return out
 
 # Content may be a string (may hold <image> placeholders) or a list of OpenAI-style parts. As in
 # `images_first`, a user turn's images (parts or placeholders, wherever they are) render first, one
@@ -181,15 +203,47 @@ def _plain_jinja(eos: str) -> str:
     )
 
 
-TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml")
+def _llama3_jinja(eos: str) -> str:
+    return (
+        _CONTENT_MACRO + _system_block(LLAMA3_SYSTEM)
+        + _lit(_llama3_header("system")) + "{{ system }}" + _lit(eos)
+        + "{% for m in turns %}"
+        + _lit("<|start_header_id|>") + "{{ m['role'] }}" + _lit("<|end_header_id|>\n\n")
+        + "{{ content(m) }}" + _lit(eos)
+        + "{% endfor %}"
+        "{% if add_generation_prompt %}" + _lit(_llama3_header("assistant")) + "{% endif %}"
+    )
+
+
+@dataclass(frozen=True)
+class TemplateStyle:
+    """Everything that defines one template. `end_of_turn` is the text that ends an answer (and
+    is a stop token at inference); None means the tokenizer's own EOS."""
+
+    render: Callable[[list[dict], str], RenderedPrompt]
+    jinja: Callable[[str], str]
+    generation_prompt: str
+    end_of_turn: str | None
+
+
+# The one table of chat templates: adding a template is an entry here (plus its tests). Configs,
+# the CLI and the model metadata take their names from it.
+TEMPLATES: dict[str, TemplateStyle] = {
+    "plain": TemplateStyle(_render_plain, _plain_jinja, "", "\n"),
+    "vicuna_v1": TemplateStyle(_render_vicuna, _vicuna_jinja, "ASSISTANT:", None),
+    "chatml": TemplateStyle(_render_chatml, _chatml_jinja, "<|im_start|>assistant\n", "<|im_end|>"),
+    "llama3": TemplateStyle(_render_llama3, _llama3_jinja, _llama3_header("assistant"), "<|eot_id|>"),
+}
+TEMPLATE_NAMES = tuple(TEMPLATES)
+# For typed configs: Literal[("a", "b")] is Literal["a", "b"].
+TemplateName = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
 
 
 def get_template(name: str, *, eos_token: str = "</s>") -> Template:
-    """`eos_token` is the tokenizer's end-of-sequence text; chatml always ends turns with <|im_end|>."""
-    if name == "vicuna_v1":
-        return Template(name, eos_token, _vicuna_jinja(eos_token))
-    if name == "chatml":
-        return Template(name, "<|im_end|>", _chatml_jinja("<|im_end|>"))
-    if name == "plain":
-        return Template(name, "\n", _plain_jinja("\n"))
-    raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    """`eos_token` is the tokenizer's end-of-sequence text, which ends turns in templates without
+    an end-of-turn token of their own (vicuna_v1); chatml ends them with <|im_end|>, llama3 <|eot_id|>."""
+    style = TEMPLATES.get(name)
+    if style is None:
+        raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    eos = style.end_of_turn if style.end_of_turn is not None else eos_token
+    return Template(name, eos, style.jinja(eos))

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llava.data.templates import TEMPLATE_NAMES
+
 
 def job_config(name: str) -> str:
     """Path of a shipped job config (jobs/configs/<name>), located without importing `jobs`."""
@@ -46,7 +48,7 @@ def add_subcommands(data_subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--processor", help="saved llava-hf processor/model directory (local or s3://; default: "
                      "the config's, .llava/models/stage2)")
     pre.add_argument("--image-root", help="where relative image paths resolve (default: the input's directory)")
-    pre.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"])
+    pre.add_argument("--template", choices=TEMPLATE_NAMES)
     pre.add_argument("--max-reject-fraction", type=float,
                      help="fail (exit 1, no manifest) when rejected/input exceeds this (config default 0.05)")
     pre.add_argument("overrides", nargs="*", help="more key=value config overrides")
