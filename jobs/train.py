@@ -20,8 +20,12 @@ import yaml
 
 from jobs.processed_data import ProcessedDataError, read_manifest
 from jobs.train_config import TrainConfig, with_absolute_paths
-from llava_platform import storage, tracking
+from llava.model.metadata import MetadataError, check_dataset_fields
+from llava_platform import preflight, storage, tracking
 from llava_platform.config import ConfigError, job_arguments, load_config
+
+# MLflow run tag holding the run's Ray Train checkpoint folder (what `checkpoint.resume_run` reopens)
+CHECKPOINT_TAG = "llava.checkpoint_location"
 
 
 @dataclass
@@ -92,9 +96,13 @@ def check_training_data(cfg: TrainConfig) -> int:
 
     if cfg.data.processed:
         try:
-            count = read_manifest(cfg.data.processed)["counts"]["written"]
-        except ProcessedDataError as err:
+            manifest = read_manifest(cfg.data.processed)
+            # the shards hold token ids rendered with the manifest's template and image mode
+            check_dataset_fields(manifest.get("dataset") or {}, template=cfg.data.template,
+                                 image_mode=cfg.data.image_mode, source=cfg.data.processed)
+        except (ProcessedDataError, MetadataError) as err:
             raise ConfigError(f"data.processed: {err}") from None
+        count = manifest["counts"]["written"]
     else:
         if not storage.exists(cfg.data.records):
             raise ConfigError(f"data.records: {cfg.data.records} does not exist")
