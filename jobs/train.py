@@ -21,11 +21,8 @@ import yaml
 from jobs.processed_data import ProcessedDataError, read_manifest
 from jobs.train_config import TrainConfig, with_absolute_paths
 from llava.model.metadata import MetadataError, check_dataset_fields
-from llava_platform import preflight, storage, tracking
+from llava_platform import storage, tracking
 from llava_platform.config import ConfigError, job_arguments, load_config
-
-# MLflow run tag holding the run's Ray Train checkpoint folder (what `checkpoint.resume_run` reopens)
-CHECKPOINT_TAG = "llava.checkpoint_location"
 
 
 @dataclass
