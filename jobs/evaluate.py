@@ -373,7 +373,12 @@ def check_recording(cfg: EvaluateConfig) -> None:
 def evaluation_folder(cfg: EvaluateConfig, model_info: dict[str, Any], run_id: str | None) -> Path:
     """A new folder under output_dir for this evaluation alone (UTC time, model, run), so no
     evaluation overwrites another's report; names sort by time."""
-    label = f"{model_info['name']}-v{model_info['version']}" if model_info.get("version") else Path(cfg.model).name
+    if model_info.get("version"):
+        label = f"{model_info['name']}-v{model_info['version']}"
+    elif model_info.get("run_id"):
+        label = f"run-{model_info['run_id'][:8]}"
+    else:
+        label = Path(cfg.model).name
     label = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in label)[:80]
     stem = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{label}" + (f"-{run_id[:8]}" if run_id else "")
     root = Path(cfg.output_dir)

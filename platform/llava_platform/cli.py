@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[preflight.VERBOSE_ENV] = "1"  # inherited by the job processes commands start
     try:
         # A failure is one line naming its cause (the traceback with --verbose), not a page of stack.
-        return preflight.guarded(f"llavactl {args.command}", lambda: int(args.func(args) or 0))
+        sub = getattr(args, f"{args.command}_command", None)  # e.g. data_command = "show-sample"
+        prog = " ".join(["llavactl", args.command, *([sub] if isinstance(sub, str) else [])])
+        return preflight.guarded(prog, lambda: int(args.func(args) or 0))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

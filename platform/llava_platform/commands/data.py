@@ -28,13 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def show_sample_main(args: argparse.Namespace) -> int:
+    from llava_platform import preflight
+
+    # Before the heavy imports: a missing directory is otherwise a hub "Repo id" error under a page of stack.
+    preflight.require_model_dir(args.model, "--model")
     from transformers import AutoProcessor
 
     from llava.data.encode import SampleRejected, encode_record
     from llava.data.inspect import marked_text, summary_line, token_table
     from llava.data.records import RecordError, load_records
     from llava.data.templates import TemplateError
-    from llava_platform import preflight
 
     try:
         records = load_records(args.file)
@@ -45,7 +48,6 @@ def show_sample_main(args: argparse.Namespace) -> int:
         print(f"llavactl data show-sample: --index {args.index} out of range (file has {len(records)} records)",
               file=sys.stderr)
         return 2
-    preflight.require_model_dir(args.model, "--model")  # else a hub "Repo id" error minutes of stack later
     processor = AutoProcessor.from_pretrained(args.model)
     try:
         # Masks do not depend on pixels, so images are not opened: the tool works without them.
