@@ -5,8 +5,10 @@
 Builds the tiny llava-hf model into a temp dir, measures the baseline (one `model.generate` call per
 request, one after the other, in this process), then starts the real Ray Serve app on 127.0.0.1
 and drives it over HTTP at each concurrency level. Every request carries an image and asks for
-the same greedy `max_tokens`, so both sides do the same work. Prints a table and a final
-`RESULT key=value ...` line with the throughput ratios against the baseline.
+the same greedy `max_tokens`, so both sides do the same work. Serving requests stream (with
+`stream_options.include_usage`), so each one also gives its time to first token: when the first
+text delta arrived. Prints a table and a final `RESULT key=value ...` line with the throughput
+ratios against the baseline and the latency and time-to-first-token percentiles.
 """
 
 from __future__ import annotations
@@ -93,31 +95,45 @@ def data_url(img: Image.Image) -> str:
 async def drive(url: str, images: list[Image.Image], concurrency: int, max_tokens: int) -> dict[str, float]:
     # Bodies are serialised up front so the load generator (which shares the 2 cores) spends its CPU
     # on HTTP only; each is still a distinct request with its own image and question.
-    bodies = [json.dumps({"model": "llava", "max_tokens": max_tokens, "temperature": 0, "messages": [{
+    bodies = [json.dumps({"model": "llava", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                          "stream_options": {"include_usage": True}, "messages": [{
         "role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
                                     {"type": "text", "text": question(i)}]}]}).encode()
         for i, img in enumerate(images)]
     headers = {"content-type": "application/json"}
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    first_tokens: list[float] = []
     tokens = errors = 0
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency + 2)) as client:
         async def one(body: bytes) -> None:
             nonlocal tokens, errors
             async with sem:
                 t0 = time.perf_counter()
-                resp = await client.post(f"{url}/v1/chat/completions", content=body, headers=headers)
+                first = None
+                async with client.stream("POST", f"{url}/v1/chat/completions", content=body, headers=headers) as resp:
+                    if resp.status_code != 200:
+                        errors += 1
+                        await resp.aread()
+                        return
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            first = time.perf_counter() - t0
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
                 latencies.append(time.perf_counter() - t0)
-            if resp.status_code == 200:
-                tokens += resp.json()["usage"]["completion_tokens"]
-            else:
-                errors += 1
+                first_tokens.append(first if first is not None else latencies[-1])
 
         started = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
         wall = time.perf_counter() - started
-    return {"rps": len(bodies) / wall, "tok_s": tokens / wall, "p50": percentile(latencies, 50),
-            "p99": percentile(latencies, 99), "n": len(bodies), "errors": errors}
+    ok = latencies or [float("nan")]
+    return {"rps": len(bodies) / wall, "tok_s": tokens / wall, "p50": percentile(ok, 50),
+            "p99": percentile(ok, 99), "ttft_p50": percentile(first_tokens or ok, 50),
+            "ttft_p99": percentile(first_tokens or ok, 99), "n": len(bodies), "errors": errors}
 
 
 def free_port() -> int:
@@ -182,12 +198,14 @@ def main() -> None:
 
     print(f"\nhost: {platform.machine()} {os.cpu_count()} CPUs, torch threads {args.threads}, "
           f"max_tokens={args.max_tokens}, one image per request, greedy")
-    print(f"{'setup':<26}{'req/s':>9}{'tok/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x base':>8}{'errors':>8}")
+    print(f"{'setup':<26}{'req/s':>9}{'tok/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x base':>8}{'errors':>8}"
+          f"{'ttft50':>9}{'ttft99':>9}")
     for c, base, r in rows:
         print(f"{'baseline (before c=' + str(c) + ')':<26}{base['rps']:>9.2f}{base['tok_s']:>9.1f}"
               f"{base['p50'] * 1e3:>9.1f}{base['p99'] * 1e3:>9.1f}{1.0:>8.2f}{0:>8}")
         print(f"{'serve c=' + str(c):<26}{r['rps']:>9.2f}{r['tok_s']:>9.1f}{r['p50'] * 1e3:>9.1f}"
-              f"{r['p99'] * 1e3:>9.1f}{r['rps'] / base['rps']:>8.2f}{r['errors']:>8}")
+              f"{r['p99'] * 1e3:>9.1f}{r['rps'] / base['rps']:>8.2f}{r['errors']:>8}"
+              f"{r['ttft_p50'] * 1e3:>9.1f}{r['ttft_p99'] * 1e3:>9.1f}")
     # Per level: the median over rounds of (serving throughput / the baseline measured just before it).
     result = []
     for c in args.concurrency:
@@ -196,6 +214,8 @@ def main() -> None:
                    f"c{c}_rps={statistics.median(r['rps'] for _, r in mine):.2f}",
                    f"c{c}_p50_ms={statistics.median(r['p50'] for _, r in mine) * 1e3:.1f}",
                    f"c{c}_p99_ms={statistics.median(r['p99'] for _, r in mine) * 1e3:.1f}",
+                   f"c{c}_ttft_p50_ms={statistics.median(r['ttft_p50'] for _, r in mine) * 1e3:.1f}",
+                   f"c{c}_ttft_p99_ms={statistics.median(r['ttft_p99'] for _, r in mine) * 1e3:.1f}",
                    f"c{c}_speedup={statistics.median(r['rps'] / b['rps'] for b, r in mine):.2f}",
                    f"c{c}_errors={sum(r['errors'] for _, r in mine)}"]
     print("RESULT " + " ".join(result))

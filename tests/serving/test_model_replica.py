@@ -18,7 +18,7 @@ def _item(text: str, max_new_tokens: int = 6, **extra) -> dict:
     msgs = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 30), (9, 99, 199))},
                                          {"type": "text", "text": text}]}]
     return {"messages": msgs, "max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "stop": [],
-            "seed": None} | extra
+            "seed": None, "n": 1, "top_logprobs": None, "logit_bias": None, "min_tokens": 0} | extra
 
 
 @pytest.fixture()
@@ -44,8 +44,8 @@ def test_concurrent_requests_share_steps_and_a_bad_one_fails_alone(replica_cls, 
     good, bad, sampled, short = asyncio.run(scenario())
     assert bad["error"]["code"] == "context_length_exceeded" and bad["error"]["status"] == 400
     for out in (good, sampled, short):
-        assert out["result"]["finish_reason"] in ("stop", "length")
-    assert short["result"]["completion_tokens"] <= 2
+        assert out["results"][0]["finish_reason"] in ("stop", "length")
+    assert short["results"][0]["completion_tokens"] <= 2
     # Greedy and sampled rows decode in the same steps (per-row sampling in the engine).
     assert good["batch_size"] > 1 and sampled["batch_size"] > 1
 
@@ -68,7 +68,7 @@ def test_reload_mid_request_finishes_on_the_old_model(replica_cls, tiny_llava_di
     assert swapped["changed"] and swapped["previous"] == start["version"]
     assert "delta" in first_delta and rest[-1]["finish_reason"] in ("stop", "length")
     assert not any("error" in ev for ev in rest)
-    assert "result" in after
+    assert "results" in after
     assert old_engine.load == 0
 
 

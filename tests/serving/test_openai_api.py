@@ -145,7 +145,7 @@ def _img_part(url: str) -> dict:
 BAD_REQUESTS = {
     "invalid_json": (dict(content=b'{"model": "llava", "messages": [', headers={"content-type": "application/json"}),
                      400, "invalid_json"),
-    "not_an_object": (dict(content=b"[1, 2]"), 400, "invalid_json"),
+    "not_an_object": (dict(content=b"[1, 2]", headers={"content-type": "application/json"}), 400, "invalid_json"),
     "missing_messages": (dict(body={"model": "llava"}), 400, "invalid_value"),
     "bad_role": (dict(body={"model": "llava", "messages": [{"role": "robot", "content": "x"}]}), 400, "invalid_value"),
     "temperature_range": (dict(body=_valid([{"role": "user", "content": "x"}]) | {"temperature": 9}), 400,

@@ -61,6 +61,21 @@ class ModelDeployment(StrictModel):
     # (25-50 s on 2 CPU cores for the tiny model) and the CPU backend needs a C++ compiler (without
     # one the replica decodes eagerly and logs why). Turn off for quick local runs.
     compile_decode: bool = True
+    # Which engine of llava.infer.engines.ENGINES decodes: "auto" takes the first that serves the model.
+    engine: str = Field("auto", min_length=1)
+    # One prefill admits rows while their prompt tokens and images fit these budgets, so a burst of
+    # image requests cannot run the device out of memory for everyone; a prompt longer than
+    # prefill_tokens is refused with a 400.
+    prefill_tokens: int = Field(16384, ge=1)
+    prefill_images: int = Field(64, ge=1)
+    # Reload memory policy: load_then_swap keeps serving the old model while the new one loads (two
+    # models in memory for a moment); unload_first drains and frees the old one first (new requests
+    # get 503 + Retry-After for the duration of the load).
+    reload_policy: Literal["load_then_swap", "unload_first"] = "load_then_swap"
+    # A replica following another replica's reload retries a failed load this many times, with a
+    # back-off doubling from reload_backoff_s; until it succeeds /readyz says it is lagging.
+    reload_retries: int = Field(3, ge=0, le=20)
+    reload_backoff_s: float = Field(1.0, ge=0, le=300)
     # Back-pressure: at most max_ongoing_requests in a replica, max_queued_requests waiting at each
     # caller; beyond that the caller gets BackPressureError and the client a 503 + Retry-After.
     max_ongoing_requests: int = Field(32, ge=1)
@@ -86,6 +101,7 @@ class Limits(StrictModel):
     default_max_tokens: int = Field(128, ge=1)
     max_stop_sequences: int = Field(4, ge=0)
     max_messages: int = Field(64, ge=1)
+    max_n: int = Field(8, ge=1, le=128)  # answers per request (`n`); they share one prefill
 
 
 class Auth(StrictModel):
@@ -123,6 +139,8 @@ class ServeConfig(StrictModel):
     remote_image_private_hosts: bool = False
     mlflow_tracking_uri: str | None = None
     model_cache_dir: str | None = None
+    # Downloaded model versions kept in model_cache_dir (the served ones are never removed).
+    model_cache_keep: int = Field(3, ge=1)
     retry_after_s: int = Field(1, ge=1)
     access_log: bool = True  # one log line per request per replica; off for load tests
     limits: Limits = Limits()

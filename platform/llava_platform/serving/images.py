@@ -4,12 +4,19 @@
 open fetcher would let any client make the server reach into its own network), and even then not
 from hosts on non-public addresses unless that is allowed too. Every failure is an `APIError`
 with a 4xx status naming the part that failed.
+
+The pixel limit applies to the size the image will have in memory, not to its file: a 12000x1
+PNG is a few bytes, but padding it to a square (LLaVA-1.5 pre-processing) or resizing its short
+side up to the vision tower's input makes a 12000x12000 image. So the check reads the header only
+(PIL decodes nothing on open) and refuses an image whose longest side squared exceeds the limit,
+before a single pixel is decompressed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import ipaddress
 import re
 import socket
@@ -112,6 +119,7 @@ def load_image(url: str, param: str, limits: Limits, remote: RemotePolicy) -> Im
         raw = fetch_remote(url, param, limits, remote)
     else:
         raise APIError(400, f"{param}: unsupported image URL scheme", param=param, code="invalid_image_url")
+    check_padded_size(raw, param, limits)
     try:
         return open_image(raw, max_pixels=limits.max_image_pixels)
     except ImageError as err:
@@ -123,6 +131,22 @@ def load_image(url: str, param: str, limits: Limits, remote: RemotePolicy) -> Im
     except Image.DecompressionBombError:
         raise APIError(400, f"{param}: image too large (decompression bomb)", param=param,
                        code="image_too_large") from None
+
+
+def check_padded_size(raw: bytes, param: str, limits: Limits) -> None:
+    """Refuse, from the header alone, an image whose padded square exceeds the pixel limit."""
+    try:
+        with Image.open(io.BytesIO(raw)) as probe:  # lazy: reads the header, decodes no pixels
+            width, height = probe.size
+    except Image.DecompressionBombError:
+        raise APIError(400, f"{param}: image too large (decompression bomb)", param=param,
+                       code="image_too_large") from None
+    except (OSError, ValueError, SyntaxError):
+        raise APIError(400, f"{param}: bytes are not a readable image", param=param, code="invalid_image") from None
+    side = max(width, height)
+    if side * side > limits.max_image_pixels:
+        raise APIError(400, f"{param}: image too large ({width}x{height} pads to a {side}x{side} square, over "
+                            f"{limits.max_image_pixels} pixels)", param=param, code="image_too_large")
 
 
 def to_generation_messages(req: ChatCompletionRequest, limits: Limits,

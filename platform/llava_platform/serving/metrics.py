@@ -7,6 +7,8 @@ latency metrics are exported by Ray itself on the node's metrics port.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -41,6 +43,28 @@ class ServingMetrics:
                                      registry=self.registry)
         self.engine_waiting = Gauge("llava_engine_waiting", "Requests waiting to join the running batch",
                                     registry=self.registry)
+        self.engine_failures = Gauge("llava_engine_failures", "Contained engine failures since the model loaded, "
+                                     "by kind (prefill, decode, compiled_decode, sampling, row, callback, step)",
+                                     ["kind"], registry=self.registry)
+        self.engine_eager = Gauge("llava_engine_eager_fallback", "1 while a failed compiled decode step is "
+                                  "cooling down (decoding eagerly), else 0", registry=self.registry)
+        self.model_info = Gauge("llava_model_info", "The model this replica serves (value 1)", ["version", "model_uri"],
+                                registry=self.registry)
+        self.model_loaded = Gauge("llava_model_loaded_timestamp_seconds", "When the served model was loaded",
+                                  registry=self.registry)
+        self.reload_failures = Counter("llava_reload_failures", "Failed attempts to follow another replica's reload",
+                                       registry=self.registry)
+
+    def observe_replica(self, engine: Any, info: dict[str, Any]) -> None:
+        """Refresh the gauges read from the engine and the model at scrape time."""
+        self.engine_decoding.set(engine.decoding)
+        self.engine_waiting.set(engine.waiting)
+        for kind, count in engine.failures.items():
+            self.engine_failures.labels(kind=kind).set(count)
+        self.engine_eager.set(int(bool(getattr(engine, "decoding_eagerly", False))))
+        self.model_info.clear()  # one series: the version served now
+        self.model_info.labels(version=info["version"], model_uri=info["model_uri"]).set(1)
+        self.model_loaded.set(info["loaded_at"])
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

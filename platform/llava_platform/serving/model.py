@@ -7,23 +7,32 @@ for others), checked against the context length, then handed to the model's engi
 (`llava.infer.engine`): a thread that owns the model and runs decode steps, letting new requests
 join the running batch at the next step and finished ones leave at once.
 
-Reload: the new model and its engine are loaded next to the old ones, then a single attribute
-assignment swaps the (model, processor, engine, version) bundle. The old engine finishes the
-requests it holds and then stops, so requests in flight complete on the old model and none fail.
+Reload, with the memory policy of `model.reload_policy`: `load_then_swap` loads the new model
+and its engine next to the old ones, then a single attribute assignment swaps the (model,
+processor, engine, version) bundle; the old engine finishes the requests it holds and then stops,
+so requests in flight complete on the old model and none fail. `unload_first` answers new
+requests 503 + Retry-After, drains and frees the old model, then loads the new one (one model in
+memory at a time; if the new one fails to load, the old one is loaded back). After a swap the
+download cache is pruned to `model_cache_keep` versions.
+
+The n answers of a request (`n` > 1) are n engine rows sharing one encoded prompt, which the
+engine prefills once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llava_platform.serving import model_cache
 from llava_platform.serving.config import ServeConfig, parse_serve_config
 
 log = logging.getLogger("llava.serving")
@@ -57,14 +66,15 @@ def model_version(model_dir: Path) -> str:
 
 
 def load_model(model_dir: Path, cfg: ServeConfig) -> LoadedModel:
-    from llava.infer.engine import make_engine
+    from llava.infer.engines import make_engine
     from llava.infer.generate import context_length
     from llava.infer.load import load_for_inference
 
     model, processor = load_for_inference(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
     m = cfg.model
-    engine = make_engine(model, processor, max_rows=m.max_batch_size, admit_wait_s=m.admit_wait_s,
-                         compile_decode=m.compile_decode, image_mode=cfg.image_mode)
+    engine = make_engine(model, processor, engine=m.engine, max_rows=m.max_batch_size, admit_wait_s=m.admit_wait_s,
+                         compile_decode=m.compile_decode, prefill_tokens=m.prefill_tokens,
+                         prefill_images=m.prefill_images, image_mode=cfg.image_mode)
     return LoadedModel(model, processor, engine, str(model_dir), model_version(model_dir), context_length(model),
                        time.time())
 
@@ -73,12 +83,15 @@ def _error(status: int, message: str, code: str, param: str | None = "messages")
     return {"status": status, "message": message, "param": param, "code": code}
 
 
-def _prepare(bundle: LoadedModel, item: dict[str, Any], image_mode: str) -> tuple[Any, Any, dict[str, Any] | None]:
+def _prepare(bundle: LoadedModel, item: dict[str, Any], cfg: ServeConfig) -> tuple[Any, Any, dict[str, Any] | None]:
     """Render and encode the prompt: (prompt, encoded, None), or (None, None, error: OpenAI shape + status)."""
     from llava.infer.generate import PromptError, encode_prompts, render_prompt
 
+    error = _unsupported(bundle, item)
+    if error is not None:
+        return None, None, error
     try:
-        prompt = render_prompt(bundle.processor, item["messages"], image_mode=image_mode)
+        prompt = render_prompt(bundle.processor, item["messages"], image_mode=cfg.image_mode)
     except PromptError as err:
         return None, None, _error(400, str(err), "invalid_messages")
     encoded = encode_prompts(bundle.processor, [prompt])
@@ -87,7 +100,26 @@ def _prepare(bundle: LoadedModel, item: dict[str, Any], image_mode: str) -> tupl
         return None, None, _error(400, f"this model's maximum context length is {bundle.context_length} tokens; "
                                        f"the prompt has {n_prompt} tokens and max_tokens is {item['max_new_tokens']}",
                                   "context_length_exceeded")
+    if n_prompt > cfg.model.prefill_tokens:
+        return None, None, _error(400, f"the prompt has {n_prompt} tokens; this server prefills at most "
+                                       f"{cfg.model.prefill_tokens} per step", "prompt_too_large")
     return prompt, encoded, None
+
+
+def _unsupported(bundle: LoadedModel, item: dict[str, Any]) -> dict[str, Any] | None:
+    """A 400 for request features this model's engine cannot honour (never silently ignored)."""
+    wanted = {"logprobs": item.get("top_logprobs") is not None, "logit_bias": bool(item.get("logit_bias")),
+              "min_tokens": bool(item.get("min_tokens")), "json_object": bool(item.get("json_object"))}
+    for feature, asked in wanted.items():
+        if asked and feature not in bundle.engine.features:
+            return _error(400, f"{feature} is not supported for this model (it is decoded by generate(), one "
+                               "request at a time)", "unsupported_parameter", param=feature)
+    vocab = len(bundle.processor.tokenizer)
+    for token in item.get("logit_bias") or {}:
+        if not 0 <= token < vocab:
+            return _error(400, f"logit_bias: token id {token} is outside the vocabulary (0..{vocab - 1})",
+                          "invalid_value", param="logit_bias")
+    return None
 
 
 def _failure(err: BaseException) -> dict[str, Any]:
@@ -104,6 +136,7 @@ class ModelRuntime:
         self.model_uri = self.cfg.model_uri
         self._reload_lock = asyncio.Lock()
         self._last_watch = time.monotonic()
+        self.unavailable: str | None = None  # why new requests are refused for a moment (unload-first reload)
         self.bundle = load_model(resolve_model(self.model_uri, self.cfg), self.cfg)
         log.info("loaded model %s version %s", self.bundle.model_dir, self.bundle.version)
 
@@ -137,78 +170,122 @@ class ModelRuntime:
             model_dir = await asyncio.to_thread(resolve_model, uri, self.cfg)
             if not force and uri == self.model_uri and model_version(model_dir) == previous.version:
                 return {"changed": False, "previous": previous.version, **self.info()}
-            bundle = await asyncio.to_thread(load_model, model_dir, self.cfg)
+            if self.cfg.model.reload_policy == "unload_first":
+                bundle = await self._unload_then_load(previous, model_dir)
+            else:
+                bundle = await asyncio.to_thread(load_model, model_dir, self.cfg)
             self.bundle, self.model_uri = bundle, uri  # the atomic swap; requests already submitted keep theirs
             # The old engine answers what it holds, then its thread ends and the old weights can go.
             asyncio.get_running_loop().create_task(asyncio.to_thread(previous.engine.close))
             log.info("switched model %s -> %s (%s)", previous.version, bundle.version, model_dir)
+            await asyncio.to_thread(model_cache.prune, self.cfg.model_cache_dir, self.cfg.model_cache_keep,
+                                    [bundle.model_dir, previous.model_dir])
             return {"changed": True, "previous": previous.version, **self.info()}
+
+    async def _unload_then_load(self, previous: LoadedModel, model_dir: Path) -> LoadedModel:
+        self.unavailable = "the model is being reloaded"
+        try:
+            await asyncio.to_thread(previous.engine.close)  # drains: requests in flight finish first
+            # Drop the old weights before loading: the engine thread has ended, so only this frame
+            # and `self.bundle` referred to them; `self.bundle` keeps the metadata probes need.
+            self.bundle = replace(previous, model=None)
+            del previous
+            gc.collect()
+            try:
+                return await asyncio.to_thread(load_model, model_dir, self.cfg)
+            except Exception:
+                log.exception("loading %s failed; loading the previous model back", model_dir)
+                self.bundle = await asyncio.to_thread(load_model, Path(self.bundle.model_dir), self.cfg)
+                raise
+        finally:
+            self.unavailable = None
 
     # ------------------------------------------------------------------------------------ generation
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
-        """One request -> {"result": ..., "version": ..., "batch_size", "compute_s"} or {"error": {...}}."""
+        """One request -> {"results": [n answers], "version", "batch_size", "compute_s"} or {"error": {...}}."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        submitted = await self._submit(item, on_done=lambda res: loop.call_soon_threadsafe(_settle, done, res))
+        futures = [loop.create_future() for _ in range(item.get("n", 1))]
+        submitted = await self._submit(item, [
+            {"on_done": lambda res, fut=fut: loop.call_soon_threadsafe(_settle, fut, res)} for fut in futures])
         if "error" in submitted:
             return submitted
-        req, bundle, started = submitted["request"], submitted["bundle"], time.perf_counter()
+        reqs, bundle, started = submitted["requests"], submitted["bundle"], time.perf_counter()
         try:
-            res = await done
+            outcomes = await asyncio.gather(*futures)
         finally:
-            req.cancel()  # a no-op once answered; otherwise the caller went away and the row can leave
-        if isinstance(res, BaseException):
-            return {"error": _failure(res)}
-        return {"result": res.__dict__, "version": bundle.version, "batch_size": req.rows_seen / max(req.steps, 1),
+            for req in reqs:
+                req.cancel()  # a no-op once answered; otherwise the caller went away and the row can leave
+        for res in outcomes:
+            if isinstance(res, BaseException):
+                return {"error": _failure(res)}
+        return {"results": [res.__dict__ for res in outcomes], "version": bundle.version,
+                "batch_size": sum(r.rows_seen for r in reqs) / max(sum(r.steps for r in reqs), 1),
                 "compute_s": time.perf_counter() - started}
 
     async def stream(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Events {"start"}, {"delta"} ... {"finish_reason", counts}; or a single {"error"} before any text."""
+        """Events {"start"}, then per answer `index` {"delta", ...} and one {"finish_reason", ...};
+        or a single {"error"}. The last text of an answer comes with its finish reason."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        submitted = await self._submit(
-            item,
-            on_done=lambda res: loop.call_soon_threadsafe(events.put_nowait, res),
-            on_text=lambda delta: loop.call_soon_threadsafe(events.put_nowait, delta),
-        )
+        n = item.get("n", 1)
+
+        def callbacks(i: int) -> dict[str, Any]:
+            return {"on_done": lambda res: loop.call_soon_threadsafe(events.put_nowait, (i, res)),
+                    "on_text": lambda delta: loop.call_soon_threadsafe(events.put_nowait, (i, delta))}
+
+        submitted = await self._submit(item, [callbacks(i) for i in range(n)])
         if "error" in submitted:
             yield submitted
             return
-        req = submitted["request"]
+        sent_chars, sent_tokens, open_answers = [0] * n, [0] * n, n
         try:
             yield {"start": True, "version": submitted["bundle"].version}
-            while True:
-                event = await events.get()
-                if isinstance(event, str):
-                    yield {"delta": event, "finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0}
-                elif isinstance(event, BaseException):
+            while open_answers:
+                i, event = await events.get()
+                if isinstance(event, BaseException):
                     yield {"error": _failure(event)}
                     return
-                else:
-                    yield {"delta": "", "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+                if not hasattr(event, "finish_reason"):  # a TextDelta
+                    sent_chars[i] += len(event.text)
+                    sent_tokens[i] = event.completion_tokens
+                    yield {"index": i, "delta": event.text, "logprobs": event.logprobs, "finish_reason": None,
                            "completion_tokens": event.completion_tokens}
-                    return
+                    continue
+                open_answers -= 1
+                yield {"index": i, "delta": event.text[sent_chars[i]:],
+                       "logprobs": None if event.logprobs is None else event.logprobs[sent_tokens[i]:],
+                       "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+                       "completion_tokens": event.completion_tokens}
         finally:
-            req.cancel()  # client gone or finished: the row leaves the batch at the next step
+            for req in submitted["requests"]:
+                req.cancel()  # client gone or finished: the rows leave the batch at the next step
 
-    async def _submit(self, item: dict[str, Any], **callbacks: Any) -> dict[str, Any]:
-        """Prepare the request against the current bundle and hand it to that bundle's engine."""
+    async def _submit(self, item: dict[str, Any], callbacks: list[dict[str, Any]]) -> dict[str, Any]:
+        """Prepare the request against the current bundle and hand its rows to that bundle's engine."""
         from llava.infer.engine import DecodeRequest, EngineClosed
 
         while True:
+            if self.unavailable:
+                return {"error": _error(503, f"{self.unavailable}; retry shortly", "model_reloading", param=None)}
             bundle = self.bundle
-            prompt, encoded, error = await asyncio.to_thread(_prepare, bundle, item, self.cfg.image_mode)
+            prompt, encoded, error = await asyncio.to_thread(_prepare, bundle, item, self.cfg)
             if error is not None:
                 return {"error": error}
-            req = DecodeRequest(prompt=prompt, encoded=encoded, max_new_tokens=item["max_new_tokens"],
-                                stops=item["stop"], temperature=item["temperature"], top_p=item["top_p"],
-                                seed=item["seed"], **callbacks)
+            seed = item.get("seed")
+            reqs = [DecodeRequest(prompt=prompt, encoded=encoded, max_new_tokens=item["max_new_tokens"],
+                                  stops=item["stop"], temperature=item["temperature"], top_p=item["top_p"],
+                                  seed=None if seed is None else seed + i, logit_bias=item.get("logit_bias"),
+                                  min_tokens=item.get("min_tokens", 0), top_logprobs=item.get("top_logprobs"),
+                                  json_object=item.get("json_object", False), **cb) for i, cb in enumerate(callbacks)]
             try:
-                bundle.engine.submit(req)
+                for req in reqs:
+                    bundle.engine.submit(req)
             except EngineClosed:  # a reload swapped the model while this request was being prepared
+                for req in reqs:
+                    req.cancel()
                 continue
-            return {"request": req, "bundle": bundle}
+            return {"requests": reqs, "bundle": bundle}
 
 
 def _settle(fut: asyncio.Future, result: Any) -> None:
