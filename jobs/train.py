@@ -21,7 +21,7 @@ import yaml
 from jobs.processed_data import ProcessedDataError, read_manifest
 from jobs.train_config import TrainConfig, with_absolute_paths
 from llava.model.metadata import MetadataError, check_dataset_fields
-from llava_platform import storage, tracking
+from llava_platform import preflight, storage, tracking
 from llava_platform.config import ConfigError, job_arguments, load_config
 
 
@@ -118,28 +118,29 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     from jobs.train_worker import train_loop
 
     cfg = with_absolute_paths(cfg)
+    check_train_inputs(cfg, tracking.configure(cfg.tracking.tracking_uri))
     check_training_data(cfg)
-    tracking.configure(cfg.tracking.tracking_uri)
     run_name = cfg.tracking.run_name or f"{cfg.name}-stage{cfg.stage}"
     run_id = tracking.start_job_run(cfg.tracking.experiment, run_name, f"stage{cfg.stage}", cfg.tracking.parent_run_id)
     tracking.log_params(run_id, cfg.model_dump(mode="json"))
     _log_config_artifacts(run_id, cfg, cfg.distributed.num_workers)
-    _ray_init()
-    scaling = ScalingConfig(
-        num_workers=cfg.distributed.num_workers,
-        use_gpu=cfg.distributed.use_gpu,
-        resources_per_worker={"CPU": cfg.distributed.cpus_per_worker, **({"GPU": 1} if cfg.distributed.use_gpu else {})},
-    )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id,
-                           "tracking_uri": tracking.configure()},
-        scaling_config=scaling,
-        run_config=_run_config(cfg),
-    )
-    try:
+    try:  # from here on a failure, before or during training, leaves the run FAILED, not RUNNING
+        _ray_init()
+        scaling = ScalingConfig(
+            num_workers=cfg.distributed.num_workers,
+            use_gpu=cfg.distributed.use_gpu,
+            resources_per_worker={"CPU": cfg.distributed.cpus_per_worker,
+                                  **({"GPU": 1} if cfg.distributed.use_gpu else {})},
+        )
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id,
+                               "tracking_uri": tracking.configure()},
+            scaling_config=scaling,
+            run_config=_run_config(cfg),
+        )
         result = trainer.fit()
-    except Exception:
+    except BaseException:
         tracking.finish_run(run_id, "FAILED")
         raise
     tracking.finish_run(run_id)
@@ -147,15 +148,28 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     return TrainResult(run_id, cfg.output, ckpt, dict(result.metrics or {}))
 
 
+def check_train_inputs(cfg: TrainConfig, tracking_uri: str) -> None:
+    """On the driver, in seconds, before any run or Ray: what the workers would otherwise find
+    missing minutes later (GPU, tracking store, model directories, images, checkpoint to resume)."""
+    preflight.require_gpu_reachable(cfg.distributed.use_gpu, "distributed.use_gpu")
+    preflight.require_tracking_store(tracking_uri)
+    if not cfg.model.init_from:  # with init_from, the vision tower and LM come from that model
+        preflight.require_model_dir(cfg.model.vision, "model.vision")
+        preflight.require_model_dir(cfg.model.language_model, "model.language_model")
+    preflight.require_model_dir(cfg.model.init_from, "model.init_from", tracking_uri=tracking_uri)
+    preflight.require_path(cfg.data.image_root, "data.image_root")
+    preflight.require_path(cfg.checkpoint.resume_from, "checkpoint.resume_from")
+
+
 def main(argv: list[str] | None = None) -> int:
     config, overrides = job_arguments(argv, prog="python -m jobs.train", description=__doc__.splitlines()[0],
                                       example="optim.lr=1e-4", schema=TrainConfig)
-    try:
-        cfg = load_config(TrainConfig, config, overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
-    result = run_training(cfg)
+    return preflight.guarded("python -m jobs.train", lambda: _train_main(config, overrides),
+                             input_errors=(ConfigError,))
+
+
+def _train_main(config: str | None, overrides: list[str]) -> int:
+    result = run_training(load_config(TrainConfig, config, overrides))
     print(json.dumps({"run_id": result.run_id, "output": result.output, "checkpoint": result.checkpoint,
                       "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}))
     return 0
