@@ -137,6 +137,7 @@ class MetricBuffer:
         self._added = 0  # metrics handed to the buffer
         self._done = 0  # of those, written or dropped
         self.dropped = 0
+        self.last_step = 0  # the highest step added so far
         self._steps = 0
         self._wanted = 0  # write everything up to this `_added` count as soon as possible
         self._last_write = time.monotonic()
@@ -152,6 +153,7 @@ class MetricBuffer:
             before = len(self._pending)
             self._pending.extend(Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if v is not None)
             self._added += len(self._pending) - before
+            self.last_step = max(self.last_step, step)
             self._steps += 1
             self._drop_beyond_bound()
             if self._steps >= self.max_steps or time.monotonic() - self._last_write >= self.interval_s:
@@ -249,20 +251,26 @@ class MetricBuffer:
 
 class SystemMetricsSampler:
     """CPU, memory, disk, network (and GPU) of this node, sampled every `interval_s` into a
-    `MetricBuffer` as `system/...` metrics at the current training step (`step`, set by the loop).
+    `MetricBuffer` as `system/...` metrics at the latest step the buffer holds (the training step).
 
     MLflow's own SystemMetricsMonitor stops for good at its first failed request; sampling into the
     buffer instead makes an outage delay these metrics, as it does the training ones. It reuses that
     monitor's collectors (which find the GPUs) without starting its thread.
     """
 
-    def __init__(self, buffer: MetricBuffer, *, interval_s: float = 2.0, step: int = 0):
+    def __init__(self, buffer: MetricBuffer, *, interval_s: float = 2.0):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self.buffer = buffer
         self.interval_s = interval_s
-        self.step = step
-        self._collectors = SystemMetricsMonitor(buffer.run_id, sampling_interval=interval_s).monitors
+        # its constructor announces at INFO which collectors it skipped (no GPU): noise in every stage's log
+        monitor_log = logging.getLogger(SystemMetricsMonitor.__module__)
+        level = monitor_log.level
+        monitor_log.setLevel(logging.WARNING)
+        try:
+            self._collectors = SystemMetricsMonitor(buffer.run_id, sampling_interval=interval_s).monitors
+        finally:
+            monitor_log.setLevel(level)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_loop, name="system-metrics-sampler", daemon=True)
 
@@ -278,7 +286,7 @@ class SystemMetricsSampler:
             collector.collect_metrics()
             values.update({f"system/{k}": v for k, v in collector.aggregate_metrics().items()})
             collector.clear_metrics()
-        self.buffer.add(values, step=self.step, timestamp_ms=int(time.time() * 1000))
+        self.buffer.add(values, step=self.buffer.last_step, timestamp_ms=int(time.time() * 1000))
 
     def stop(self) -> None:
         self._stop.set()

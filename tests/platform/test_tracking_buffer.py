@@ -75,3 +75,13 @@ def test_a_store_that_keeps_failing_never_raises_into_the_loop_and_the_buffer_st
     assert buf.dropped == 20  # the oldest beyond the bound, counted
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "training goes on" in messages and "could not be written" in messages
+
+
+def test_system_metrics_are_sampled_into_the_buffer_at_the_training_step(run_id):
+    buf = tracking.MetricBuffer(run_id, interval_s=3600)
+    buf.add({"loss": 1.0}, step=7, timestamp_ms=1)
+    sampler = tracking.SystemMetricsSampler(buf, interval_s=3600).start()
+    sampler.stop()  # takes the last sample
+    assert buf.close()
+    cpu = history(run_id, "system/cpu_utilization_percentage")
+    assert [step for step, _, _ in cpu] == [7]
