@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # The tiny preset, shortened: fewer images and steps keep the suite inside CI's budget.
-RUN_OVERRIDES = ["n_images=64", "lm_pretrain_steps=60", 'stage1_overrides=["optim.max_steps=12"]',
+RUN_OVERRIDES = ["n_images=64", "lm_pretrain_steps=60", "clip_pretrain_steps=20", 'stage1_overrides=["optim.max_steps=12"]',
                  'stage2_overrides=["optim.max_steps=16"]']
 
 
