@@ -24,6 +24,9 @@ from llava.model.metadata import MetadataError, check_dataset_fields
 from llava_platform import preflight, storage, tracking
 from llava_platform.config import ConfigError, job_arguments, load_config
 
+# MLflow run tag holding the run's Ray Train checkpoint folder (what `checkpoint.resume_run` reopens)
+CHECKPOINT_TAG = "llava.checkpoint_location"
+
 
 @dataclass
 class TrainResult:
@@ -63,18 +66,22 @@ def _log_config_artifacts(run_id: str, cfg: TrainConfig, world_size: int) -> Non
         MlflowClient().log_artifacts(run_id, tmp, "config")
 
 
-def _run_config(cfg: TrainConfig):
+def _run_config(cfg: TrainConfig, location: str):
+    """Ray Train's run config for the checkpoint folder `location` (`<storage>/<storage name>`).
+    Ray restores the checkpoint snapshot it finds there: after a worker-group restart within this
+    run, and when `checkpoint.resume_run` reopens an earlier run; a new run's folder is empty."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from jobs.train_worker import worker_env
 
-    fs, path = (None, cfg.checkpoint.storage)
-    if storage.is_s3(cfg.checkpoint.storage):
-        fs, path = storage.pyarrow_filesystem(cfg.checkpoint.storage)
+    parent, _, name = location.rstrip("/").rpartition("/")
+    fs, path = (None, parent)
+    if storage.is_s3(parent):
+        fs, path = storage.pyarrow_filesystem(parent)
     else:
         path = str(storage.local_path(path).resolve())
     return RunConfig(
-        name=cfg.name,
+        name=name,
         storage_path=path,
         storage_filesystem=fs,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
@@ -111,6 +118,39 @@ def check_training_data(cfg: TrainConfig) -> int:
     return count
 
 
+def _start_run(cfg: TrainConfig) -> tuple[str, str]:
+    """A new MLflow run for this training and its own checkpoint folder, named after the run: a
+    rerun of the same config never picks up an earlier run's checkpoints. Returns (run id, folder)."""
+    run_name = cfg.tracking.run_name or f"{cfg.name}-stage{cfg.stage}"
+    run_id = tracking.start_job_run(cfg.tracking.experiment, run_name, f"stage{cfg.stage}", cfg.tracking.parent_run_id)
+    location = storage.join(cfg.checkpoint.storage, f"{cfg.name}-{run_id}")
+    tracking.set_tag(run_id, CHECKPOINT_TAG, location)
+    tracking.log_params(run_id, cfg.model_dump(mode="json"))
+    _log_config_artifacts(run_id, cfg, cfg.distributed.num_workers)
+    return run_id, location
+
+
+def _reopen_run(run_id: str) -> tuple[str, str]:
+    """`checkpoint.resume_run`: the earlier run continues (same MLflow run, same checkpoint folder,
+    so Ray Train restores its latest checkpoint). Its params stay as first logged."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(f"checkpoint.resume_run: no MLflow run {run_id!r} ({err.message})") from None
+    location = run.data.tags.get(CHECKPOINT_TAG)
+    if not location:
+        raise ConfigError(f"checkpoint.resume_run: run {run_id} has no {CHECKPOINT_TAG} tag; it was not started by "
+                          "jobs.train (use checkpoint.resume_from=<checkpoint dir> instead)")
+    if not storage.exists(storage.join(location, "checkpoint_manager_snapshot.json")):
+        raise ConfigError(f"checkpoint.resume_run: run {run_id} has no checkpoint under {location} to resume from")
+    client.update_run(run_id, status="RUNNING")
+    return run_id, location
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -120,10 +160,11 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     cfg = with_absolute_paths(cfg)
     check_train_inputs(cfg, tracking.configure(cfg.tracking.tracking_uri))
     check_training_data(cfg)
-    run_name = cfg.tracking.run_name or f"{cfg.name}-stage{cfg.stage}"
-    run_id = tracking.start_job_run(cfg.tracking.experiment, run_name, f"stage{cfg.stage}", cfg.tracking.parent_run_id)
-    tracking.log_params(run_id, cfg.model_dump(mode="json"))
-    _log_config_artifacts(run_id, cfg, cfg.distributed.num_workers)
+    if cfg.checkpoint.resume_run:
+        run_id, location = _reopen_run(cfg.checkpoint.resume_run)
+    else:
+        run_id, location = _start_run(cfg)
+    print(f"[train] MLflow run {run_id}; checkpoints in {location}", flush=True)
     try:  # from here on a failure, before or during training, leaves the run FAILED, not RUNNING
         _ray_init()
         scaling = ScalingConfig(
@@ -137,7 +178,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id,
                                "tracking_uri": tracking.configure()},
             scaling_config=scaling,
-            run_config=_run_config(cfg),
+            run_config=_run_config(cfg, location),
         )
         result = trainer.fit()
     except BaseException:

@@ -119,14 +119,29 @@ class DistributedSection(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 (+tf32) on GPU, fp32 on CPU
-    max_failures: int = Field(0, ge=-1)
+    # Worker-group restarts from the latest checkpoint after a worker error (a killed or OOM'd
+    # process, a lost connection); -1 retries forever. Node preemptions are retried by Ray Train
+    # on their own budget, and tracking outages no longer raise, so one retry covers the transient
+    # rest while a deterministic bug still fails after its second attempt.
+    max_failures: int = Field(1, ge=-1)
 
 
 class CheckpointSection(StrictModel):
+    """Each training run keeps its Ray Train checkpoints in `storage/<name>-<MLflow run id>`, so a
+    rerun of the same config trains from scratch; it resumes only when asked to."""
+
     storage: str = Field(description="local path or s3:// URI for Ray Train checkpoints")
     every_n_steps: int = Field(50, gt=0)
     keep: int = Field(2, gt=0)
-    resume_from: str | None = Field(None, description="checkpoint path/URI to resume from")
+    resume_from: str | None = Field(None, description="checkpoint path/URI to start from (a new MLflow run)")
+    resume_run: str | None = Field(None, description="MLflow run id of an earlier training run to continue: "
+                                                     "same run, from its latest checkpoint")
+
+    @model_validator(mode="after")
+    def _one_resume(self):
+        if self.resume_from and self.resume_run:
+            raise ValueError("set at most one of checkpoint.resume_from or checkpoint.resume_run")
+        return self
 
 
 class TrackingSection(StrictModel):
@@ -134,11 +149,12 @@ class TrackingSection(StrictModel):
     experiment: str = "llava"
     run_name: str | None = None
     parent_run_id: str | None = None
+    flush_interval_s: float = Field(10.0, gt=0, description="how often buffered step metrics are written")
 
 
 class TrainConfig(StrictModel):
     stage: Literal[1, 2]
-    name: str = Field("llava", description="run name; Ray Train storage folder")
+    name: str = Field("llava", description="run name; prefix of the run's Ray Train storage folder")
     seed: int = 0
     model: ModelSection
     method: MethodSection = Field(None, description="per-part training modes; default: the stage's")  # type: ignore[assignment]

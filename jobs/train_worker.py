@@ -401,41 +401,29 @@ def train_loop(config: dict) -> None:
                                                    config=ds_config)
     position = _restore(engine, cfg, ctx)
     start = position.step if position else 0
-    if ctx.lead and ctx.run_id:
-        if start == 0:  # params are write-once in MLflow; a restarted worker group must not re-log them
-            tracking.log_params(ctx.run_id, {"trainable": counts, "total_steps": total, "samples": len(data.index),
-                                             "accumulation": plan.accumulation, "world_size": ctx.world_size})
-        else:
-            tracking.log_metrics(ctx.run_id, {"resumed_at_step": start}, step=start,
-                                 timestamp_ms=int(time.time() * 1000))
+    if ctx.lead and ctx.run_id and start == 0:  # params are write-once: a restarted group must not re-log them
+        tracking.log_params(ctx.run_id, {"trainable": counts, "total_steps": total, "samples": len(data.index),
+                                         "accumulation": plan.accumulation, "world_size": ctx.world_size})
     _say(ctx, f"stage {cfg.stage}: {len(data.index)} samples, {total} steps of {plan.global_batch} "
               f"({plan.micro_batch} x {plan.accumulation} accumulation x {ctx.world_size} workers), "
               f"ZeRO-{cfg.distributed.zero_stage}, {precision}" + (f", resuming at step {start}" if start else ""))
-    monitor = _system_metrics(ctx, start)
-    metrics_out = tracking.MetricBuffer(ctx.run_id) if ctx.lead and ctx.run_id else None
+    # Metrics (the loop's and the lead node's system metrics) go through one buffer whose writer
+    # thread rides out an unreachable tracking store: MLflow never stops the training.
+    metrics_out = None
+    sampler = None
+    if ctx.lead and ctx.run_id:
+        metrics_out = tracking.MetricBuffer(ctx.run_id, interval_s=cfg.tracking.flush_interval_s)
+        if start:
+            metrics_out.add({"resumed_at_step": start}, step=start, timestamp_ms=int(time.time() * 1000))
+        sampler = tracking.SystemMetricsSampler(metrics_out).start()
     try:
         _run_steps(cfg, engine, scheduler, processor, data, plan, ctx, start, per_epoch, total, precision,
                    metrics_out)
     finally:
+        if sampler is not None:
+            sampler.stop()  # takes a last sample: runs shorter than the interval still record one
         if metrics_out is not None:
-            metrics_out.flush()  # also when a step failed: the steps before it are recorded
-        if monitor is not None:
-            # MLflow's monitor drops the pending sample on shutdown; publish a last one so that runs
-            # shorter than the sampling interval still record their system metrics.
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.finish()
-
-
-def _system_metrics(ctx: WorkerContext, start: int):
-    """CPU/GPU/memory of the lead worker's node sampled into the stage run (MLflow system metrics)."""
-    if not (ctx.lead and ctx.run_id):
-        return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(ctx.run_id, sampling_interval=2, resume_logging=start > 0)
-    monitor.start()
-    return monitor
+            metrics_out.close()  # also when a step failed: the steps before it are recorded
 
 
 def _run_steps(cfg: TrainConfig, engine, scheduler, processor, data, plan, ctx: WorkerContext, start: int,
@@ -490,10 +478,11 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, data, plan, ctx: 
         last = step + 1
         _trace_samples(cfg, ctx, last, step_ids)
         if ctx.lead:
-            eta = (time.time() - t_start) / (last - start) * (total - last)
-            print(f"stage {cfg.stage} step {last}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                  f"grad_norm {metrics['grad_norm']:.3f} {metrics['samples_per_s']:.1f} samples/s ETA {eta:.0f}s",
-                  flush=True)
+            if _shows_progress(last, start, total):
+                eta = (time.time() - t_start) / (last - start) * (total - last)
+                print(f"stage {cfg.stage} step {last}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                      f"grad_norm {metrics['grad_norm']:.3f} {metrics['samples_per_s']:.1f} samples/s "
+                      f"ETA {eta:.0f}s", flush=True)
             if metrics_out is not None:
                 metrics_out.add(metrics, step=last, timestamp_ms=int(time.time() * 1000))
         stopping = cfg.stop_after_steps is not None and last >= cfg.stop_after_steps
@@ -509,13 +498,30 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, data, plan, ctx: 
         _say(ctx, f"stage {cfg.stage}: exported llava-hf model to {cfg.output}")
 
 
+PROGRESS_LINES = 20  # console lines per stage; MLflow records every step
+
+
+def _shows_progress(step: int, start: int, total: int) -> bool:
+    """Print the first step, the last, and every (total / PROGRESS_LINES)-th in between."""
+    every = max(1, math.ceil(total / PROGRESS_LINES))
+    return step == start + 1 or step == total or step % every == 0
+
+
 def worker_env() -> dict[str, str]:
-    """Environment the workers need: DeepSpeed's accelerator choice is made at import time."""
+    """Environment the workers need: DeepSpeed's accelerator choice is made at import time. Ray
+    Train's print patch logs every print of a worker and also echoes it when a library has wrapped
+    sys.stdout, so each line reached the console twice; plain prints reach it once."""
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_WAIT_POLICY", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
                                       "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                                      "AWS_DEFAULT_REGION", "AWS_REGION")
+                                      "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                      # Ray Train's controller-side actors query the State API of this
+                                      # cluster: with several on one machine, they must be told which
+                                      "RAY_ADDRESS")
            if k in os.environ}
+    # the MLflow client's settings too: server credentials, request timeouts and retries
+    env.update({k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return env
 

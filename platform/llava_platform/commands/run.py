@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_main)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start_ray(env: dict[str, str]) -> str:
     import ray
 
-    ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    # With the dashboard comes Ray's State API, which Ray Train's placement-group cleaner polls every
+    # second of training: without it, each poll logged a "Failed to query Ray Train Controller actor
+    # state" warning. A free loopback port: another Ray on the machine may hold the default one.
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+             runtime_env={"env_vars": env}, log_to_driver=False)
     return ray.get_runtime_context().gcs_address
 
 
@@ -96,7 +107,9 @@ def run_main(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking.embedded_tracking_uri(workdir)
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           # progress bars of weight loading and saving arrive through Ray as one line per redraw
+           "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
     os.environ.update(env)
     address = _start_ray(env)
     print(f"[run] local Ray at {address}; MLflow at {tracking_uri}", flush=True)
