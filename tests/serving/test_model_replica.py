@@ -96,3 +96,49 @@ def test_watch_swaps_when_the_model_content_changes(replica_cls, tiny_llava_dir,
     first, unchanged, swapped = asyncio.run(scenario())
     assert unchanged == first
     assert swapped != first
+
+
+def test_unload_first_reload_refuses_briefly_then_serves_the_new_model(replica_cls, tiny_llava_dir, tmp_path):
+    """unload_first: requests in flight finish on the old model, requests during the load get a
+    503 (never a hang), and afterwards the new model answers."""
+    new_dir = tmp_path / "v2"
+    shutil.copytree(tiny_llava_dir, new_dir)
+
+    async def scenario():
+        rep = replica_cls({"model_uri": str(tiny_llava_dir), "model": {"reload_policy": "unload_first"}})
+        first = rep.info()["version"]
+        in_flight = asyncio.create_task(rep.generate(_item("describe it", max_new_tokens=40)))
+        while not rep.bundle.engine.load:  # the request is in the engine before the reload starts
+            await asyncio.sleep(0.001)
+        reload = asyncio.create_task(rep.reload(str(new_dir)))
+        while not rep.unavailable:
+            await asyncio.sleep(0.001)
+        during = await rep.generate(_item("what colour"))
+        swapped = await reload
+        after = await rep.generate(_item("what colour"))
+        rep.bundle.engine.close()
+        return first, await in_flight, during, swapped, after
+
+    first, in_flight, during, swapped, after = asyncio.run(scenario())
+    assert "results" in in_flight
+    assert during["error"]["status"] == 503
+    assert swapped["changed"] and swapped["version"] != first
+    assert "results" in after
+
+
+def test_model_cache_keeps_the_newest_versions_and_those_in_use(tmp_path):
+    from llava_platform.model_uri import COMPLETE_MARKER
+    from llava_platform.serving.model_cache import prune
+
+    entries = []
+    for i in range(5):
+        entry = tmp_path / "models" / "m" / f"v{i}"
+        entry.mkdir(parents=True)
+        (entry / COMPLETE_MARKER).write_text("{}")
+        os.utime(entry / COMPLETE_MARKER, ns=(i * 10**9, i * 10**9))
+        entries.append(entry)
+    (tmp_path / "models" / "m" / ".partial-x").mkdir()  # a download in progress is not an entry
+    removed = prune(tmp_path, keep=2, in_use=[entries[0]])
+    assert sorted(removed) == [entries[1], entries[2]]
+    assert all(e.is_dir() for e in (entries[0], entries[3], entries[4]))
+    assert (tmp_path / "models" / "m" / ".partial-x").is_dir()
