@@ -1,20 +1,25 @@
-"""Pre-processing with Ray Data: LLaVA records + images -> tokenized Parquet shards + manifest.
+"""Pre-processing with Ray Data: LLaVA records + images -> tokenized Parquet shards, a sample index
+and a manifest.
 
     python -m jobs.preprocess --config jobs/configs/preprocess_stage2.yaml input=s3://b/data.jsonl output=s3://b/out
 
-Input (local or s3://, see docs/data-formats.md): a LLaVA JSON list / JSONL file with image files
-under `image_root`, or Parquet (a file or a directory/prefix of *.parquet) with the image bytes inline.
-Every record is validated and encoded by `llava.data.encode.encode_record` in Ray actors; images
-are decoded, checked (corrupt, truncated, empty, mode, pixel limit), padded and resized once and
-stored as PNG. The driver consumes the stream in order and writes fixed-size shards, so memory stays
-bounded by one shard whatever the dataset size, and re-running writes byte-identical output under
-the same names (stale shards from a larger earlier run are removed):
+Input (local or s3://, see docs/data-formats.md): LLaVA JSON list / JSONL files with image files
+under `image_root`, or Parquet with the image bytes inline; a file, a list of files, or a
+folder/prefix of them (name order). Every record is validated and encoded by
+`llava.data.encode.encode_record` in Ray tasks; images are decoded, checked (corrupt, truncated,
+empty, mode, pixel limit), padded and resized once and stored as JPEG (or PNG). The driver consumes
+the stream in order and writes fixed-size shards in small row groups, so memory stays bounded by
+one shard (plus the compact index) whatever the dataset size, and re-running writes byte-identical
+output under the same names (stale shards from a larger earlier run are removed):
 
     <output>/shards/shard-00000.parquet ...   id, input_ids, labels, images, num_images, length, modality
+    <output>/index.parquet                    id, shard, row_group, row, length, modality, n_images (by id)
     <output>/rejects/rejects-00000.jsonl ...  {"id", "reason", "record"}
-    <output>/manifest.json                    counts, per-shard sha256, rejects by reason, config + digest
+    <output>/manifest.json                    counts, shard files + sha256, index, dataset metadata,
+                                              rejects by reason, config + digest
 
-The job fails (exit 1, no manifest) when rejected / total exceeds `max_reject_fraction`.
+Training reads samples by position through the index (`jobs.processed_data`). The job fails
+(exit 1, no manifest) when rejected / total exceeds `max_reject_fraction`.
 """
 
 from __future__ import annotations

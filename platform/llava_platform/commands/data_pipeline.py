@@ -41,8 +41,9 @@ def add_subcommands(data_subparsers: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=synth_main)
 
     pre = data_subparsers.add_parser("preprocess", help="validate, tokenize and shard records with Ray Data")
-    pre.add_argument("--input", help="LLaVA JSON/JSONL file or Parquet file/prefix (default: the config's, "
-                     ".llava/data/stage2.json as `make run` writes it)")
+    pre.add_argument("--input", action="append", help="LLaVA JSON/JSONL or Parquet file, or a folder/prefix of "
+                     "them; repeat for several, in order (default: the config's, .llava/data/stage2.json as "
+                     "`make run` writes it)")
     pre.add_argument("--output", help="where shards, rejects/ and manifest.json go (default: the config's)")
     pre.add_argument("--config", default=None, help="job YAML (default: jobs/configs/preprocess_stage2.yaml)")
     pre.add_argument("--processor", help="saved llava-hf processor/model directory (local or s3://; default: "
@@ -102,7 +103,9 @@ def _run_job(module: str, config: str, overrides: list[str]) -> int:
 def preprocess_main(args: argparse.Namespace) -> int:
     config = args.config or job_config("preprocess_stage2.yaml")
     overrides = []
-    for key, value in (("input", args.input), ("output", args.output), ("processor", args.processor), ("image_root", args.image_root), ("template", args.template),
+    inputs = args.input or []
+    for key, value in (("input", inputs[0] if len(inputs) == 1 else f"[{', '.join(inputs)}]" if inputs else None),
+                       ("output", args.output), ("processor", args.processor), ("image_root", args.image_root), ("template", args.template),
                        ("max_reject_fraction", args.max_reject_fraction)):
         if value is not None:
             overrides.append(f"{key}={value}")
