@@ -93,6 +93,7 @@ def test_streaming_last_chunk_carries_text_and_usage_options(serve_app):
         model="llava", messages=QUESTION, max_completion_tokens=10, temperature=0, stream=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True}))
     counts = [c.usage.completion_tokens for c in running]
+    assert {c.usage.prompt_tokens for c in running} == {ref.usage.prompt_tokens}
     assert counts == sorted(counts) and counts[-1] == ref.usage.completion_tokens and running[-1].choices == []
     for options in ({"include_usage": True}, {"include_usage": None}):
         with pytest.raises(openai.BadRequestError):

@@ -167,6 +167,16 @@ class LlavaServer:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        """vLLM's and TGI's liveness path, for clients and probes written against them."""
+        return {"status": "ok"}
+
+    @api.get("/ping")
+    async def ping(self) -> dict[str, str]:
+        """SageMaker's liveness path (with /invocations)."""
+        return {"status": "ok"}
+
     @api.get("/readyz")
     async def readyz(self) -> Response:
         # A replica only takes traffic once __init__ has loaded the model; while none has, Serve's
@@ -318,17 +328,16 @@ class LlavaServer:
         if "error" in first:  # rejected before any text: a plain 4xx, not a broken stream
             raise _model_error(first["error"], self.cfg.retry_after_s)
         return StreamingResponse(
-            self._sse(events, f"llava-{first['version']}", req),
+            self._sse(events, f"llava-{first['version']}", req, first["prompt_tokens"]),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _sse(self, events: Any, fingerprint: str, req: ChatCompletionRequest):
+    async def _sse(self, events: Any, fingerprint: str, req: ChatCompletionRequest, prompt_tokens: int):
         cid, created, model = completion_id(), int(time.time()), self.cfg.served_model_name
         options = req.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = bool(options and options.continuous_usage_stats)
-        prompt_tokens = 0
         generated = [0] * req.choices()
 
         def chunk(i: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> bytes:
@@ -349,7 +358,6 @@ class LlavaServer:
                 if ev["finish_reason"] is None:
                     yield chunk(i, {"content": ev["delta"]}, None, ev["logprobs"])
                     continue
-                prompt_tokens = ev["prompt_tokens"]
                 self.metrics.completion_tokens.inc(ev["completion_tokens"])
                 yield chunk(i, {"content": ev["delta"]}, ev["finish_reason"], ev["logprobs"])
             else:

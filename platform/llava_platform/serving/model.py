@@ -240,7 +240,8 @@ class ModelRuntime:
             return
         sent_chars, sent_tokens, open_answers = [0] * n, [0] * n, n
         try:
-            yield {"start": True, "version": submitted["bundle"].version}
+            yield {"start": True, "version": submitted["bundle"].version,
+                   "prompt_tokens": submitted["requests"][0].prompt_tokens}
             while open_answers:
                 i, event = await events.get()
                 if isinstance(event, BaseException):
