@@ -23,8 +23,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -50,6 +52,7 @@ class GenerationConfig(StrictModel):
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    image_mode: Literal["pad", "resize"] | None = None  # None: the model's metadata record says
 
 
 class TrackingConfig(StrictModel):
@@ -82,7 +85,6 @@ class EvaluateConfig(StrictModel):
 
 
 PIPELINE_PREFIX = "pipeline:"
-DEFAULT_FILES = {"shapes": "eval/shapes_qa.jsonl", "scienceqa": "eval/scienceqa.jsonl", "bench": "eval/captions.jsonl"}
 
 
 # --------------------------------------------------------------------------- data
@@ -102,7 +104,7 @@ def read_jsonl(uri: str) -> list[dict[str, Any]]:
 
 def load_items(cfg: EvaluateConfig, name: str) -> list[dict[str, Any]]:
     bench: BenchmarkConfig = getattr(cfg, name)
-    uri = bench.path or storage.join(cfg.data_dir, DEFAULT_FILES[name])
+    uri = benchmark_file(cfg, name)
     if not storage.exists(uri):
         raise ConfigError(f"{name}: evaluation file {uri} does not exist")
     items = read_jsonl(uri)
@@ -144,7 +146,8 @@ def generate_all(model, processor, requests: list[dict[str, Any]], gen: Generati
     for start in range(0, len(requests), gen.batch_size):
         batch = requests[start : start + gen.batch_size]
         results = generate_batch(model, processor, batch, max_new_tokens=max_new_tokens,
-                                 temperature=gen.temperature, top_p=gen.top_p, stop=None, seed=gen.seed)
+                                 temperature=gen.temperature, top_p=gen.top_p, stop=None, seed=gen.seed,
+                                 image_mode=gen.image_mode or "pad")
         texts.extend(r.text.strip() for r in results)
     return texts
 
@@ -187,6 +190,37 @@ def run_bench(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
     rows = judge_answers(items, answers, cfg.judge)
     return {"judge_model": cfg.judge.model, "rules": cfg.judge.rules or "shipped default",
             "errors": sum(1 for r in rows if r["error"]), "scores": relative_scores(rows), "rows": rows}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One evaluation benchmark: the EvaluateConfig section holding its settings, its file under
+    data_dir, the function that runs it, whether it needs the judge, and whether `limit` is the
+    benchmark's own size (LLaVA-Bench's 30 images) rather than a cut making the run partial."""
+
+    section: str
+    default_file: str
+    run: Callable[[EvaluateConfig, Any, Any, ImageCache], dict[str, Any]]
+    needs_judge: bool = False
+    limit_is_size: bool = False
+
+
+# The one table of benchmarks, by results key (their flat metrics: llava.eval.report.flat_metrics).
+BENCHMARKS: dict[str, Benchmark] = {
+    "shapes": Benchmark("shapes", "eval/shapes_qa.jsonl", run_shapes),
+    "scienceqa": Benchmark("scienceqa", "eval/scienceqa.jsonl", run_scienceqa),
+    "judge": Benchmark("bench", "eval/captions.jsonl", run_bench, needs_judge=True, limit_is_size=True),
+}
+
+
+def benchmark_file(cfg: EvaluateConfig, section: str) -> str:
+    default = next(b.default_file for b in BENCHMARKS.values() if b.section == section)
+    return getattr(cfg, section).path or storage.join(cfg.data_dir, default)
+
+
+def enabled_benchmarks(cfg: EvaluateConfig) -> dict[str, Benchmark]:
+    return {key: b for key, b in BENCHMARKS.items()
+            if getattr(cfg, b.section).enabled and (cfg.judge.enabled or not b.needs_judge)}
 
 
 # --------------------------------------------------------------------------- model and tracking
@@ -297,12 +331,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
 
         if not os.environ.get(cfg.judge.api_key_env):
             raise JudgeError(f"judge: environment variable {cfg.judge.api_key_env} (judge.api_key_env) is not set")
-    for name in ("shapes", "scienceqa", "bench"):  # fail on missing data before loading anything
-        bench = getattr(cfg, name)
-        if bench.enabled and (name != "bench" or cfg.judge.enabled):
-            uri = bench.path or storage.join(cfg.data_dir, DEFAULT_FILES[name])
-            if not storage.exists(uri):
-                raise ConfigError(f"{name}: evaluation file {uri} does not exist")
+    for bench in enabled_benchmarks(cfg).values():  # fail on missing data before loading anything
+        uri = benchmark_file(cfg, bench.section)
+        if not storage.exists(uri):
+            raise ConfigError(f"{bench.section}: evaluation file {uri} does not exist")
     check_recording(cfg)
     if "://" not in cfg.model and not cfg.model.startswith(("runs:/", "models:/", PIPELINE_PREFIX)):
         try:
@@ -331,24 +363,25 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
 def _evaluate(cfg: EvaluateConfig, model_info: dict[str, Any]) -> dict[str, Any]:
     from llava.eval.report import flat_metrics
     from llava.infer.load import load_for_inference
+    from llava.model.metadata import read_metadata
     from llava_platform.model_uri import resolve_model_dir
 
     remote = model_info["resolve_uri"].startswith(("runs:/", "models:/"))
     tracking_uri = _tracking_uri(cfg) if remote else None
     model_dir = resolve_model_dir(model_info["resolve_uri"], cfg.cache_dir, tracking_uri=tracking_uri)
     model, processor = load_for_inference(str(model_dir), device=cfg.generation.device, dtype=cfg.generation.dtype)
+    meta = read_metadata(model_dir)
+    if cfg.generation.image_mode is None:  # images as the model was trained on them (its record)
+        mode = meta.image_mode if meta else "pad"
+        cfg = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"image_mode": mode})})
     images = ImageCache(cfg.data_dir)
     results: dict[str, Any] = {"model": cfg.model, "model_dir": str(model_dir)}
     if model_info.get("version"):
         results["model_version"] = f"{model_info['name']} v{model_info['version']}"
     timings = {}
-    for name, runner, enabled in (("shapes", run_shapes, cfg.shapes.enabled),
-                                  ("scienceqa", run_scienceqa, cfg.scienceqa.enabled),
-                                  ("judge", run_bench, cfg.bench.enabled and cfg.judge.enabled)):
-        if not enabled:
-            continue
+    for name, bench in enabled_benchmarks(cfg).items():
         started = time.perf_counter()
-        results[name] = runner(cfg, model, processor, images)
+        results[name] = bench.run(cfg, model, processor, images)
         timings[name] = time.perf_counter() - started
         log.info("%s done in %.1fs", name, timings[name])
     results["timings_s"] = timings
@@ -359,7 +392,8 @@ def _evaluate(cfg: EvaluateConfig, model_info: dict[str, Any]) -> dict[str, Any]
 def partial_limits(cfg: EvaluateConfig) -> list[str]:
     """The limits that make this a partial evaluation (`shapes.limit=5`). `bench.limit` is the
     benchmark's own size (30 images, as LLaVA-Bench COCO), not a cut."""
-    return [f"{name}.limit={getattr(cfg, name).limit}" for name in ("shapes", "scienceqa")
+    sections = [b.section for b in BENCHMARKS.values() if not b.limit_is_size]
+    return [f"{name}.limit={getattr(cfg, name).limit}" for name in sections
             if getattr(cfg, name).enabled and getattr(cfg, name).limit]
 
 
