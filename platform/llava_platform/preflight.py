@@ -61,7 +61,10 @@ def require_model_dir(uri: str | None, key: str, *, tracking_uri: str | None = N
         return
     if uri.startswith(REMOTE_PREFIXES):
         if storage.is_s3(uri):
-            require_path(storage.join(uri, "config.json"), key)
+            require_path(uri, key)
+            # a llava-hf directory (config.json) or an MLflow Model holding one (MLmodel)
+            if not any(storage.exists(storage.join(uri, f)) for f in ("config.json", "MLmodel")):
+                raise InputError(f"{key}: {uri} is not a model directory (no config.json)")
         return
     if not looks_like_path(uri) and not Path(uri).exists():
         return  # a hub id such as lmsys/vicuna-7b-v1.5
