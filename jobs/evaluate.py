@@ -18,6 +18,7 @@ pipeline's own evaluation reaches the version through `jobs.promote` (`metrics.e
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -112,19 +113,31 @@ def load_items(cfg: EvaluateConfig, name: str) -> list[dict[str, Any]]:
 
 
 class ImageCache:
-    """Images by path relative to data_dir, read once (several questions share an image)."""
+    """Images by path relative to data_dir, the last `keep` decoded ones kept (questions about one
+    image come together); a benchmark of any size holds a bounded number of decoded images."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, keep: int = 64):
+        from collections import OrderedDict
+
         self.data_dir = data_dir
-        self._images: dict[str, Any] = {}
+        self.keep = keep
+        self._images: OrderedDict[str, Any] = OrderedDict()
 
     def get(self, rel: str):
         from PIL import Image
 
-        if rel not in self._images:
-            data = storage.read_bytes(storage.join(self.data_dir, rel))
-            self._images[rel] = Image.open(io.BytesIO(data)).convert("RGB")
-        return self._images[rel]
+        if rel in self._images:
+            self._images.move_to_end(rel)
+            return self._images[rel]
+        data = storage.read_bytes(storage.join(self.data_dir, rel))
+        image = self._images[rel] = Image.open(io.BytesIO(data)).convert("RGB")
+        if len(self._images) > self.keep:
+            self._images.popitem(last=False)
+        return image
+
+    def lazy(self, rel: str | None):
+        """A stand-in decoded only when its request's batch is generated (see `generate_all`)."""
+        return None if not rel else functools.partial(self.get, rel)
 
 
 def _request(text: str, image) -> dict[str, Any]:
@@ -138,13 +151,20 @@ def _request(text: str, image) -> dict[str, Any]:
 # --------------------------------------------------------------------------- generation
 
 
+def _with_images(request: dict[str, Any]) -> dict[str, Any]:
+    """The request with its lazy images decoded: only one batch of images is in memory at a time."""
+    messages = [{**m, "content": [{**part, "image": part["image"]()} if callable(part.get("image")) else part
+                                  for part in m["content"]]} for m in request["messages"]]
+    return {**request, "messages": messages}
+
+
 def generate_all(model, processor, requests: list[dict[str, Any]], gen: GenerationConfig,
                  max_new_tokens: int) -> list[str]:
     from llava.infer.generate import generate_batch
 
     texts: list[str] = []
     for start in range(0, len(requests), gen.batch_size):
-        batch = requests[start : start + gen.batch_size]
+        batch = [_with_images(r) for r in requests[start : start + gen.batch_size]]
         results = generate_batch(model, processor, batch, max_new_tokens=max_new_tokens,
                                  temperature=gen.temperature, top_p=gen.top_p, stop=None, seed=gen.seed,
                                  image_mode=gen.image_mode or "pad")
@@ -156,14 +176,16 @@ def run_shapes(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
     from llava.eval.shapes import score_shapes
 
     items = load_items(cfg, "shapes")
-    requests = [_request(item["question"], images.get(item["image"]) if item.get("image") else None)
-                for item in items]
+    requests = [_request(item["question"], images.lazy(item.get("image"))) for item in items]
     result = score_shapes(items, generate_all(model, processor, requests, cfg.generation, cfg.shapes.max_new_tokens))
     if cfg.blank_image_control:
         from PIL import Image
 
-        blanks = [_request(item["question"], Image.new("RGB", images.get(item["image"]).size, "white")
-                           if item.get("image") else None) for item in items]
+        def blank(rel: str):
+            return Image.new("RGB", images.get(rel).size, "white")
+
+        blanks = [_request(item["question"], functools.partial(blank, item["image"]) if item.get("image") else None)
+                  for item in items]
         result["blank_image"] = score_shapes(
             items, generate_all(model, processor, blanks, cfg.generation, cfg.shapes.max_new_tokens))
     return result
@@ -173,8 +195,7 @@ def run_scienceqa(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
     from llava.eval.scienceqa import build_prompt, score_scienceqa
 
     items = load_items(cfg, "scienceqa")
-    requests = [_request(build_prompt(item), images.get(item["image"]) if item.get("image") else None)
-                for item in items]
+    requests = [_request(build_prompt(item), images.lazy(item.get("image"))) for item in items]
     replies = generate_all(model, processor, requests, cfg.generation, cfg.scienceqa.max_new_tokens)
     return score_scienceqa(items, replies)
 
@@ -184,8 +205,7 @@ def run_bench(cfg, model, processor, images: ImageCache) -> dict[str, Any]:
     from llava_platform.judge_client import judge_answers
 
     items = bench_items_from_captions(load_items(cfg, "bench"))
-    requests = [_request(item["question"], images.get(item["image"]) if item.get("image") else None)
-                for item in items]
+    requests = [_request(item["question"], images.lazy(item.get("image"))) for item in items]
     answers = generate_all(model, processor, requests, cfg.generation, cfg.bench.max_new_tokens)
     rows = judge_answers(items, answers, cfg.judge)
     return {"judge_model": cfg.judge.model, "rules": cfg.judge.rules or "shipped default",

@@ -12,7 +12,7 @@ import json
 from functools import partial
 from typing import Any
 
-from llava.train.sample_index import MANIFEST_FORMAT, index_from_table
+from llava.train.sample_index import MANIFEST_FORMAT, read_index
 from llava_platform import storage
 
 
@@ -38,17 +38,12 @@ def _filesystem(uri: str):
 
 def open_processed(uri: str, manifest: dict[str, Any] | None = None):
     """The position-addressed reader (`ProcessedShards`) over `uri`: index resident, rows read on demand."""
-    import pyarrow.parquet as pq
-
     from llava.train.loader import ProcessedShards
 
     manifest = manifest or read_manifest(uri)
     fs, index_path = storage.pyarrow_filesystem(storage.join(uri, manifest["index"]["path"]))
     with fs.open_input_file(index_path) as handle:
-        # ids stay on disk: the rows carry them, the order needs only lengths and modalities
-        table = pq.read_table(handle, columns=["shard", "row_group", "row", "length", "modality", "n_images"])
-    index = index_from_table(table)
-    del table
+        index = read_index(handle)
     paths = [storage.pyarrow_filesystem(storage.join(uri, s["path"]))[1] for s in manifest["shards"]]
     if len(index) and int(index.location[:, 0].max()) >= len(paths):
         raise ProcessedDataError(f"{uri}: the index refers to shard {int(index.location[:, 0].max())} but the "

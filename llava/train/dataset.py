@@ -65,19 +65,19 @@ def reject_summary(rejected: list[Rejection]) -> dict[str, int]:
 
 def epoch_order(index: SampleIndex, *, seed: int, epoch: int, global_batch: int,
                 group_by_modality_length: bool) -> np.ndarray:
-    """Sample positions for one epoch, identical on every rank (same seed), as an int64 array.
+    """Sample positions for one epoch, identical on every rank (same seed), as an int32 array.
 
     Grouping (as the reference's modality-length sampler): image and text samples are never mixed
     in a global batch, and each global batch holds samples of similar length, so padding stays low.
 
     The permutation is the one `random.Random.shuffle` gives a Python list (the shuffle only swaps
-    items of whatever sequence it is handed, so an `array.array` gets the same swaps at 8 bytes per
+    items of whatever sequence it is handed, so an `array.array` gets the same swaps at 4 bytes per
     sample instead of ~40 for a list of ints); sorting is stable, as `list.sort(reverse=True)`.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
-    positions = array.array("q", range(len(index)))
+    positions = array.array("i", range(len(index)))
     rng.shuffle(positions)
-    idx = np.frombuffer(positions, dtype=np.int64)
+    idx = np.frombuffer(positions, dtype=np.int32)
     if not group_by_modality_length:
         return idx
     batches: list[np.ndarray] = []

@@ -56,18 +56,30 @@ class SampleIndex:
                    np.asarray(n_images, dtype=np.int16), np.asarray(location, dtype=np.int32))
 
 
-def index_from_table(table: pa.Table) -> SampleIndex:
-    """The resident index of processed shards from the index table (ids are not kept: rows carry them)."""
-    missing = [name for name in INDEX_SCHEMA.names[1:] if name not in table.column_names]
+def read_index(source) -> SampleIndex:
+    """The resident index of processed shards from `index.parquet` (a path or an open file). Ids
+    are not kept (the rows carry them; the order needs only lengths and modalities). Columns are
+    read one at a time into their final arrays, so the peak stays near the resident size."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(source)
+    missing = [name for name in INDEX_SCHEMA.names[1:] if name not in parquet.schema_arrow.names]
     if missing:
-        raise ValueError(f"index table lacks column(s) {missing}; re-run pre-processing")
-    modality = table.column("modality").dictionary_encode().combine_chunks()
+        raise ValueError(f"index lacks column(s) {missing}; re-run pre-processing")
+
+    def column(name: str) -> pa.Array:
+        return parquet.read(columns=[name]).column(0).combine_chunks()
+
+    location = np.empty((parquet.metadata.num_rows, 3), dtype=np.int32)
+    for k, name in enumerate(("shard", "row_group", "row")):
+        location[:, k] = column(name).to_numpy()
+    modality = column("modality").dictionary_encode()
     names = [str(n) for n in modality.dictionary.to_pylist()]
     order = sorted(range(len(names)), key=lambda k: names[k])
     remap = np.empty(len(names), dtype=np.uint8)
     remap[order] = np.arange(len(names), dtype=np.uint8)
-    codes = remap[modality.indices.to_numpy(zero_copy_only=False)]
-    location = np.stack([table.column(c).to_numpy().astype(np.int32) for c in ("shard", "row_group", "row")], axis=1)
-    return SampleIndex(table.column("length").to_numpy().astype(np.int32), codes,
-                       tuple(names[k] for k in order), table.column("n_images").to_numpy().astype(np.int16),
+    codes = remap[modality.indices.to_numpy()]
+    del modality
+    return SampleIndex(column("length").to_numpy().astype(np.int32, copy=False), codes,
+                       tuple(names[k] for k in order), column("n_images").to_numpy().astype(np.int16, copy=False),
                        location)

@@ -261,3 +261,49 @@ def test_llavactl_data_synth_and_preprocess_over_s3(ray_local, tiny_llava_dir, s
     assert manifest["config"]["template"] == "plain" and manifest["modality"] == {"image": 6}
     assert cli("data", "preprocess", "--input", f"{root}/missing.json", "--output", out,
                "--processor", str(tiny_llava_dir)) == 2
+
+
+def _shards_in_order(out: str) -> list[str]:
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    return [i for s in manifest["shards"]
+            for i in pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out, s["path"])))).column("id").to_pylist()]
+
+
+def test_folder_of_json_and_jsonl_shards_in_name_order_with_ids_unique_across_shards(ray_local, tiny_llava_dir,
+                                                                                   tmp_path):
+    shapes = write_shapes_dataset(tmp_path / "raw", 6, seed=3, n_eval=0)
+    records = json.loads(shapes.stage1.read_text())
+    (tmp_path / "raw" / "b-part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[3:]))
+    (tmp_path / "raw" / "a-part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    (tmp_path / "raw" / "sub").mkdir()
+    # images resolve from the deepest folder holding every input file: raw/, not raw/sub/
+    (tmp_path / "raw" / "sub" / "c-part.json").write_text(json.dumps([records[5]]))
+    for name in ("stage1.json", "stage2.json", "captions.jsonl"):
+        (tmp_path / "raw" / name).unlink()  # the folder holds only the shards under test
+    out = tmp_path / "out"
+    assert main(["--config", "jobs/configs/preprocess_stage1.yaml", f"input={tmp_path / 'raw'}", f"output={out}",
+                 f"processor={tiny_llava_dir}", "num_workers=1", "max_reject_fraction=0.5"]) == 0
+    assert _shards_in_order(str(out)) == [r["id"] for r in records]  # a-part, then b-part
+    assert [(r["id"], r["reason"]) for r in _read_rejects(str(out))] == [
+        (records[5]["id"], f"duplicate_id: {records[5]['id']} already written")]
+
+
+def test_input_lists_keep_their_order_and_bad_inputs_are_named(tmp_path):
+    from jobs.preprocess import PreprocessConfig, input_files
+    from llava_platform.config import ConfigError, validate_config
+
+    for name in ("b.jsonl", "a.jsonl", "c.parquet"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "empty").mkdir()
+
+    def files(inp):
+        cfg = validate_config(PreprocessConfig, {"input": inp, "output": str(tmp_path / "o"), "processor": "p"})
+        return [(Path(u).name, fmt) for u, fmt in input_files(cfg)]
+
+    assert files([str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")]) == [("b.jsonl", "jsonl"), ("a.jsonl", "jsonl")]
+    with pytest.raises(ConfigError, match="mixes Parquet and JSON"):
+        files(str(tmp_path))
+    with pytest.raises(ConfigError, match="holds no"):
+        files(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="missing.jsonl does not exist"):
+        files(str(tmp_path / "missing.jsonl"))
