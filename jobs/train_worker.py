@@ -513,7 +513,7 @@ def worker_env() -> dict[str, str]:
     sys.stdout, so each line reached the console twice; plain prints reach it once."""
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_WAIT_POLICY", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL",
                                       "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                                      "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                      "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
                                       # Ray Train's controller-side actors query the State API of this
                                       # cluster: with several on one machine, they must be told which
                                       "RAY_ADDRESS")

@@ -108,8 +108,11 @@ def run_main(args: argparse.Namespace) -> int:
     tracking_uri = tracking.embedded_tracking_uri(workdir)
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-           # progress bars of weight loading and saving arrive through Ray as one line per redraw
-           "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
+           # progress bars of weight loading and saving arrive through Ray as one line per redraw, and
+           # transformers' load reports (a table of the tiny CLIP's unused text-tower keys per worker
+           # and stage) and resize notes are warnings about expected states: errors only
+           "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+           "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
     os.environ.update(env)
     address = _start_ray(env)
     print(f"[run] local Ray at {address}; MLflow at {tracking_uri}", flush=True)
