@@ -44,6 +44,9 @@ def open_processed(uri: str, manifest: dict[str, Any] | None = None):
     fs, index_path = storage.pyarrow_filesystem(storage.join(uri, manifest["index"]["path"]))
     with fs.open_input_file(index_path) as handle:
         index = read_index(handle)
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # Arrow keeps freed read buffers otherwise
     paths = [storage.pyarrow_filesystem(storage.join(uri, s["path"]))[1] for s in manifest["shards"]]
     if len(index) and int(index.location[:, 0].max()) >= len(paths):
         raise ProcessedDataError(f"{uri}: the index refers to shard {int(index.location[:, 0].max())} but the "
