@@ -238,3 +238,30 @@ def test_versions_registered_the_old_way_still_resolve(mlflow_sqlite, tiny_llava
     assert mv.tags["llava.model_format"] == "llava-hf" and version_logged_model_id(mv) is None
     resolved = resolve_model_dir(f"models:/{name}/{version}", tmp_path / "cache", client=client)
     assert (resolved / "config.json").is_file() and not (resolved / "MLmodel").exists()
+
+
+def test_evaluation_metrics_are_linked_to_the_logged_model(mlflow_sqlite, tiny_llava_dir, shapes_data, tmp_path,
+                                                           monkeypatch):
+    """As the pipeline runs it: evaluate runs:/<stage-2 run>/model, then register; the metrics sit
+    on the LoggedModel (its model page) and the version points at the training run."""
+    from jobs.evaluate import EvaluateConfig, run_evaluation
+    from llava_platform.logged_model import log_llava_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite.tracking_uri)
+    client = mlflow_sqlite.client()
+    experiment = mlflow_sqlite.new_experiment("linked")
+    run_id = client.create_run(experiment).info.run_id
+    model_id = log_llava_model(run_id, tiny_llava_dir, client=client)
+    client.set_terminated(run_id)
+    cfg = load_config(EvaluateConfig, CONFIGS / "evaluate_shapes.yaml", [
+        f"model=runs:/{run_id}/model", f"data_dir={shapes_data.root}", f"output_dir={tmp_path / 'eval'}",
+        "shapes.limit=2", "scienceqa.limit=2", "tracking.record_on_version=false",
+        f"tracking.experiment={client.get_experiment(experiment).name}"])
+    results = run_evaluation(cfg)
+    logged = client.get_logged_model(model_id)
+    linked = {m.key: m.run_id for m in logged.metrics or []}
+    assert linked["shapes.accuracy"] == results["eval_run_id"] and "scienceqa.accuracy" in linked
+    assert client.get_run(results["eval_run_id"]).data.tags["llava.model_id"] == model_id
+    name = f"linked-{uuid.uuid4().hex[:6]}"
+    mv = client.get_model_version(name, reg.register_version(name, run_id, client=client))
+    assert mv.run_id == run_id and version_logged_model_id(mv) == model_id
