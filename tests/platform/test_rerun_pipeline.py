@@ -14,8 +14,8 @@ from tests.platform.conftest import user_env
 
 # Shorter than the first run: the second one only has to show that it trains and registers. (Before
 # each run had its own checkpoint folder, it restored the first run's final step and trained none.)
-RERUN_OVERRIDES = ["n_images=32", "lm_pretrain_steps=20", 'stage1_overrides=["optim.max_steps=6"]',
-                   'stage2_overrides=["optim.max_steps=8"]']
+RERUN_OVERRIDES = ["n_images=32", "lm_pretrain_steps=20", "clip_pretrain_steps=10",
+                   'stage1_overrides=["optim.max_steps=6"]', 'stage2_overrides=["optim.max_steps=8"]']
 
 
 def test_make_run_prints_each_step_once_and_no_ray_controller_spam(made_run):
