@@ -3,6 +3,7 @@ from a killed worker, MLflow records."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -79,9 +80,10 @@ def test_stage_training_cuts_the_loss(ray_local, tracking_uri, pretrained_checkp
 
 
 @pytest.mark.slow
-# The tiny presets run ZeRO-0; stage 1 is resumed under ZeRO-2 as well, the partitioned optimizer
-# checkpoints (one shard per rank) that the 7B recipes use.
-@pytest.mark.parametrize("stage,zero", [(1, 2), (2, 0)])
+# The records-file path, resumed under ZeRO-2 (the partitioned optimizer checkpoints, one shard per
+# rank, that the 7B recipes use). Stage 2 under ZeRO-0 (the tiny presets) is resumed on processed
+# shards over S3 below, on the same and on a smaller world size.
+@pytest.mark.parametrize("stage,zero", [(1, 2)])
 def test_stopped_and_resumed_run_matches_uninterrupted(ray_local, tracking_uri, tiny_checkpoints, shapes_data,
                                                        tmp_path, stage, zero):
     common = ["optim.max_steps=6", "checkpoint.every_n_steps=2", f"distributed.zero_stage={zero}"]
@@ -139,29 +141,79 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_local, tracking_uri, ti
     assert resumed and all(m.value >= 2 for m in resumed), "the restarted workers resumed from a checkpoint"
 
 
+def trace(folder: Path) -> dict[int, list[str]]:
+    """Per-step sample ids of a run's `data.sample_trace`, all ranks together (sorted)."""
+    steps: dict[int, list[str]] = {}
+    for path in sorted(folder.glob("rank-*.jsonl")):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            steps.setdefault(entry["step"], []).extend(entry["ids"])
+    return {step: sorted(ids) for step, ids in sorted(steps.items())}
+
+
 @pytest.mark.slow
-def test_stage2_trains_from_processed_shards_over_s3(ray_local, tracking_uri, tiny_llava_dir, shapes_data, tmp_path,
-                                                     s3_bucket):
-    """Pre-processed Parquet shards in S3 (moto) -> Ray Data -> get_dataset_shard -> training."""
+def test_processed_shards_over_s3_resume_exactly_and_across_world_sizes(ray_local, tracking_uri, tiny_llava_dir,
+                                                                       shapes_data, tmp_path, s3_bucket):
+    """Pre-processed shards in S3 (moto), read by position by every worker (no Ray Data in the
+    trainer): a run stopped and resumed on 2 workers ends bit for bit where the uninterrupted one
+    does; resumed on 1 worker (same global batch) it sees the same samples per step and follows
+    the same loss curve."""
     from jobs.preprocess import PreprocessConfig, run
+    from llava_platform import storage
     from llava_platform.config import validate_config
 
     processed = f"s3://{s3_bucket}/processed/stage2"
     manifest, passed = run(validate_config(PreprocessConfig, {
         "input": str(shapes_data.stage2), "output": processed, "image_root": str(shapes_data.root),
-        "processor": str(tiny_llava_dir), "template": "vicuna_v1", "max_length": 512}))
-    assert passed and manifest["counts"]["written"] > 0
-    cfg = stage_cfg(2, (tiny_llava_dir, tiny_llava_dir), shapes_data, tmp_path, "data.records=null",
-                    f"data.processed={processed}", f"model.init_from={tiny_llava_dir}", "optim.max_steps=4",
-                    "name=from-shards", f"checkpoint.storage=s3://{s3_bucket}/checkpoints",
-                    f"output=s3://{s3_bucket}/models/stage2")
-    result = run_training(cfg)
-    assert result.metrics["step"] == 4
-    from llava_platform import storage
+        "processor": str(tiny_llava_dir), "template": "vicuna_v1", "max_length": 512, "rows_per_shard": 20}))
+    assert passed and len(manifest["shards"]) > 1
 
-    assert storage.exists(f"s3://{s3_bucket}/models/stage2/model.safetensors")
-    assert result.checkpoint and "checkpoints" in result.checkpoint
-    assert len(losses(result.run_id)) == 4
+    def cfg(name, *extra):
+        return stage_cfg(2, (tiny_llava_dir, tiny_llava_dir), shapes_data, tmp_path, "data.records=null",
+                         f"data.processed={processed}", f"model.init_from={tiny_llava_dir}", "optim.max_steps=4",
+                         "checkpoint.every_n_steps=2", f"name={name}", f"data.sample_trace={tmp_path / name}",
+                         f"checkpoint.storage=s3://{s3_bucket}/checkpoints", f"output=s3://{s3_bucket}/models/{name}",
+                         *extra)
+
+    straight = run_training(cfg("straight"))
+    assert storage.exists(f"s3://{s3_bucket}/models/straight/model.safetensors")
+    stopped = run_training(cfg("stopped", "stop_after_steps=2"))
+    assert stopped.metrics["step"] == 2
+    checkpoint = stopped.checkpoint if stopped.checkpoint.startswith("s3://") else f"s3://{stopped.checkpoint}"
+    same = run_training(cfg("resumed2", f"checkpoint.resume_from={checkpoint}"))
+    fewer = run_training(cfg("resumed1", f"checkpoint.resume_from={checkpoint}", "distributed.num_workers=1"))
+
+    def exported(name):
+        storage.download_dir(f"s3://{s3_bucket}/models/{name}", tmp_path / "dl" / name)
+        return weights(tmp_path / "dl" / name)
+
+    a, b, c = exported("straight"), exported("resumed2"), exported("resumed1")
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume on the same world size"
+        torch.testing.assert_close(a[key], c[key], rtol=1e-4, atol=1e-5, msg=key)
+    full = losses(straight.run_id)
+    assert losses(same.run_id) == full[2:]
+    assert losses(fewer.run_id) == pytest.approx(full[2:], rel=1e-4)
+    assert full[0] != pytest.approx(full[-1], rel=1e-3), "the runs did not train"
+    ids = trace(tmp_path / "straight")
+    assert len(ids) == 4 and all(len(v) == 8 for v in ids.values())
+    assert trace(tmp_path / "resumed2") == trace(tmp_path / "resumed1") == {s: ids[s] for s in (3, 4)}
+    wait = MlflowClient().get_metric_history(straight.run_id, "data_wait_fraction")
+    assert len(wait) == 4 and all(0 <= m.value < 1 for m in wait)
+
+
+def test_dataset_smaller_than_a_global_batch_fails_on_the_driver(tracking_uri, tiny_checkpoints, shapes_data,
+                                                                 tmp_path):
+    from llava_platform.config import ConfigError
+
+    n = len(json.loads(shapes_data.stage2.read_text()))
+    big = 2 * (n + 1)
+    cfg = stage_cfg(2, tiny_checkpoints, shapes_data, tmp_path, f"optim.global_batch={big}")
+    with pytest.raises(ConfigError, match=f"{n} samples, fewer than one global batch of {big}"):
+        run_training(cfg)
+    assert not MlflowClient(tracking_uri).search_experiments(filter_string="name = 'llava'"), \
+        "failed before any MLflow run started"
 
 
 @pytest.mark.slow
