@@ -5,7 +5,8 @@
 For each size: the `make run` data (`llavactl data synth`'s shapes dataset, stage-1 captions, one
 record per image), pre-processed by `python -m jobs.preprocess`, then `python -m jobs.train` on the
 tiny stage-1 preset (2 Ray Train workers, DeepSpeed on CPU) for a few steps. The lead worker logs
-its peak RSS per step (`worker_peak_rss_mib`); the figure is the last step's. With the data read by
+its peak RSS per step (`worker_peak_rss_mib`); the figure is the last step's. The mean share of step
+time spent waiting for data (`data_wait_fraction`) is printed too. With the data read by
 position the two figures should match; before, a worker held every sample (about 199 KiB each).
 Last line: `RESULT rss_mib_small=... rss_mib_large=... rss_growth_mib=... samples_small=... samples_large=...`
 """
@@ -24,7 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
 
 def measure(work: Path, n: int, steps: int, base: tuple[Path, Path], processor_dir: Path) -> tuple[float, int]:
@@ -49,6 +52,9 @@ def measure(work: Path, n: int, steps: int, base: tuple[Path, Path], processor_d
     client = MlflowClient(tracking)
     run = client.search_runs([client.get_experiment_by_name("rss").experiment_id],
                              filter_string=f"attributes.run_name = 'rss-{n}'")[0]
+    waits = [m.value for m in client.get_metric_history(run.info.run_id, "data_wait_fraction")]
+    print(f"{written} samples: data wait {sum(waits) / len(waits):.1%} of step time (mean over {len(waits)} steps)",
+          flush=True)
     return run.data.metrics["worker_peak_rss_mib"], written
 
 
