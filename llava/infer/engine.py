@@ -152,6 +152,13 @@ class _EngineThread:
             self._wake.notify()
         self._thread.join(timeout)
 
+    def release(self) -> None:
+        """After `close`: drop the references to the model, so its weights can be freed while this
+        (closed) engine object is still around, e.g. for metrics."""
+        self.model = None
+        if hasattr(self, "compiled_fn"):
+            self.compiled_fn = None
+
     @property
     def load(self) -> int:
         """Requests submitted and not yet answered."""
@@ -526,6 +533,11 @@ class ContinuousEngine(_EngineThread):
             keys = scores / row.req.temperature - torch.log(-torch.log(noise))
         if self._special is None:
             self._special = set(self.tokenizer.all_special_ids) | self.eos
+        # Near the token budget, the token that brings the object closest to closed wins (the most
+        # likely among those), so an answer cut by max_tokens is still one whole JSON object.
+        remaining = row.req.max_new_tokens - len(row.generated)
+        closing = remaining <= json_prefix.closing_cost(row.json_state) + 1
+        best: tuple[int, int, json_prefix.State, bool] | None = None  # (cost, token, state, blank)
         for token in torch.argsort(keys, descending=True).tolist():
             if token in self._special or not torch.isfinite(scores[token]):
                 continue
@@ -534,10 +546,18 @@ class ContinuousEngine(_EngineThread):
             if not piece or "\ufffd" in piece or (blank and row.json_blank):
                 continue
             state = json_prefix.feed_text(row.json_state, piece)
-            if state is not None:
-                row.json_state, row.json_blank = state, blank
-                return token
-        raise RuntimeError("no token continues the JSON answer")
+            if state is None:
+                continue
+            if not closing:
+                best = (0, token, state, blank)
+                break
+            cost = json_prefix.closing_cost(state)
+            if best is None or cost < best[0]:
+                best = (cost, token, state, blank)
+        if best is None:
+            raise RuntimeError("no token continues the JSON answer")
+        _, token, row.json_state, row.json_blank = best
+        return token
 
     def _piece(self, token: int) -> str:
         if token not in self._pieces:

@@ -4,9 +4,11 @@ while a stream is running, and the alias/content watch that hot-swaps the model.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import time
+import weakref
 
 import pytest
 from PIL import Image
@@ -107,6 +109,7 @@ def test_unload_first_reload_refuses_briefly_then_serves_the_new_model(replica_c
     async def scenario():
         rep = replica_cls({"model_uri": str(tiny_llava_dir), "model": {"reload_policy": "unload_first"}})
         first = rep.info()["version"]
+        old_model = weakref.ref(rep.bundle.model)
         in_flight = asyncio.create_task(rep.generate(_item("describe it", max_new_tokens=40)))
         while not rep.bundle.engine.load:  # the request is in the engine before the reload starts
             await asyncio.sleep(0.001)
@@ -115,11 +118,14 @@ def test_unload_first_reload_refuses_briefly_then_serves_the_new_model(replica_c
             await asyncio.sleep(0.001)
         during = await rep.generate(_item("what colour"))
         swapped = await reload
+        gc.collect()
+        freed = old_model() is None  # nothing kept the old weights alive past the unload
         after = await rep.generate(_item("what colour"))
         rep.bundle.engine.close()
-        return first, await in_flight, during, swapped, after
+        return first, await in_flight, during, swapped, after, freed
 
-    first, in_flight, during, swapped, after = asyncio.run(scenario())
+    first, in_flight, during, swapped, after, freed = asyncio.run(scenario())
+    assert freed
     assert "results" in in_flight
     assert during["error"]["status"] == 503
     assert swapped["changed"] and swapped["version"] != first

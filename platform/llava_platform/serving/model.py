@@ -186,6 +186,7 @@ class ModelRuntime:
         self.unavailable = "the model is being reloaded"
         try:
             await asyncio.to_thread(previous.engine.close)  # drains: requests in flight finish first
+            previous.engine.release()
             # Drop the old weights before loading: the engine thread has ended, so only this frame
             # and `self.bundle` referred to them; `self.bundle` keeps the metadata probes need.
             self.bundle = replace(previous, model=None)
