@@ -14,6 +14,7 @@ The project itself (an editable install) is left out; torch is written without i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -26,17 +27,12 @@ SKIP = {PROJECT, "pip", "setuptools", "wheel"}
 
 
 def frozen() -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True,
+    """`name==version` of every installed distribution but the project and the build tools. A
+    package installed from a wheel file is pinned by its version too: the index serves the same."""
+    out = subprocess.run([sys.executable, "-m", "pip", "list", "--format=json", "--exclude-editable"], check=True,
                          capture_output=True, text=True).stdout
-    pins = []
-    for line in out.splitlines():
-        name, sep, version = line.partition("==")
-        if not sep:  # a direct URL or local path install: not reproducible from an index, so not locked
-            print(f"lock_constraints: skipping {line!r} (not an index release)", file=sys.stderr)
-            continue
-        if name.lower().replace("_", "-") in SKIP:
-            continue
-        pins.append(f"{name}=={version.split('+')[0]}")
+    pins = [f"{d['name']}=={d['version'].split('+')[0]}" for d in json.loads(out)
+            if d["name"].lower().replace("_", "-") not in SKIP]
     return sorted(pins, key=str.lower)
 
 
