@@ -16,7 +16,7 @@ import torch
 from jobs.train_worker import _loop_grad_norm, _step_metrics
 from llava.data.encode import encode_record
 from llava.model.builder import build_llava
-from llava.model.freezing import TrainableParts, apply_freezing
+from llava.model.freezing import PARTS, PartModes, apply_freezing
 from llava.train.deepspeed_config import BatchPlan, deepspeed_config
 from llava.train.grad_norm import global_grad_norm
 from llava.train.optim import build_optimizer, build_scheduler
@@ -79,11 +79,11 @@ def test_step_grad_norm_matches_a_hand_computation(one_rank_process_group, tiny_
 
     torch.manual_seed(0)
     model, processor = build_llava(*tiny_checkpoints, template="vicuna_v1")
-    apply_freezing(model, TrainableParts.for_stage(2))
+    apply_freezing(model, PartModes.for_stage(2))
     micros = _micro_batches(processor, shapes_data)
     expected = _hand_norm(copy.deepcopy(model), micros)
 
-    optimizer = build_optimizer(model, 1e-3, None)
+    optimizer = build_optimizer(model, dict.fromkeys(PARTS, 1e-3))
     # grad_clip far above the norm: clipping must not change what is reported (the pre-clip norm)
     config = deepspeed_config(BatchPlan(MICRO * ACCUMULATION, MICRO, 1), zero_stage=zero_stage, precision=precision,
                               grad_clip=1e6)
