@@ -97,12 +97,10 @@ def _init_source(ref: str) -> str:
 
 def _checkpoint_template(processor) -> str | None:
     """The platform template whose chat template the checkpoint's processor saved, if any."""
-    from typing import get_args
-
-    from jobs.train_config import DataSection
+    from llava.data.templates import TEMPLATE_NAMES
 
     eos = processor.tokenizer.eos_token
-    for name in get_args(DataSection.model_fields["template"].annotation):
+    for name in TEMPLATE_NAMES:
         if get_template(name, eos_token=eos).chat_template == processor.chat_template:
             return name
     return None
@@ -313,6 +311,12 @@ def _export(engine, processor, cfg: TrainConfig, ctx: WorkerContext, zero_stage:
             return None
         with tempfile.TemporaryDirectory(prefix="llava-export-") as tmp:
             if lora:
+                if zero_stage == 3:
+                    # The base is read back whole on this rank alone: not under zero.Init, whose
+                    # partitioning would wait for the other ranks (they are not loading it).
+                    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                    unset_hf_deepspeed_config()
                 base = _init_source(cfg.model.init_from)
                 adapter = save_adapter(model, os.path.join(tmp, "adapter"), cfg.model.init_from)
                 save_llava(merged_from_adapter(base, adapter), processor, os.path.join(tmp, "model"), meta)
