@@ -128,6 +128,7 @@ def test_zero3_lora_trains_and_exports_adapter_and_merged_model(one_process_grou
     monkeypatch.chdir(tmp_path)
     cfg = lora_cfg(tmp_path, shapes_data, f"model.init_from={tiny_llava_dir}", "distributed.zero_stage=3",
                    "method.lora.dropout=0")
+    tw._register_zero3(cfg, world_size=1)  # as the loop does: the base is built under zero.Init
     loaded = tw._load_model(cfg)
     model, counts = tw._apply_method(loaded.model, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=tw.build_optimizer(model, cfg.part_lrs()),
