@@ -1,6 +1,8 @@
-"""One real Ray Serve application for the whole tests/serving package (started once, ~1 min), on
-127.0.0.1, serving the tiny llava-hf model; tests that need another app deploy it under their own
-name and route prefix beside it."""
+"""One real Ray Serve application per test module, on 127.0.0.1, serving the tiny llava-hf model.
+
+Module scope, not package scope: with one app for the whole package, the shared app stopped
+answering (connection refused) after the two-replica module's app ran beside it (load average ~60;
+not investigated further)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def image_message(text: str, colour=(220, 40, 40), size=(48, 32)) -> list[dict]:
     ]}]
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def serve_app(ray_local, tiny_llava_dir, mlflow_sqlite, tmp_path_factory):
     """A running app with auth on (key from a file, as from a k8s Secret), serving the champion of a
     registered model that has two versions (both the tiny model, logged by two runs)."""

@@ -3,7 +3,7 @@
 The routes read their raw bodies (to apply the JSON limits of `protocol.parse_json_body` before any
 schema), so FastAPI cannot infer their request bodies; this module states them from the same
 pydantic models that validate the requests, plus the OpenAI error body for each error status the
-route can answer. Clients and the fuzz test (tests/serving/test_fuzz.py) read it at /openapi.json.
+route can answer. Clients and the fuzz test (tests/serving/test_openai_features.py) read it at /openapi.json.
 """
 
 from __future__ import annotations
