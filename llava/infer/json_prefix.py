@@ -105,3 +105,19 @@ def feed_text(state: State, text: str) -> State | None:
             return None
         state = next_state
     return state
+
+
+def closing_cost(state: State) -> int:
+    """Characters still needed, at least, to close the object from `state` (a token adds >= 1)."""
+    stack, mode, buf = state
+    closers = len(stack)
+    if mode.startswith("key") and mode != "key_or_end":
+        return 3 + closers + (len(buf) if mode.endswith("_u") else 0)  # '"', ':', '0'
+    if mode.startswith("str"):
+        return 1 + closers + (4 - len(buf) if mode.endswith("_u") else 0)
+    if mode == "num":
+        return closers + (0 if _NUMBER.fullmatch(buf) else 1)
+    if mode == "lit":
+        return len(buf) + closers
+    extra = {"start": 2, "value": 1, "expect_key": 4, "colon": 2}.get(mode, 0)
+    return extra + closers
