@@ -155,6 +155,28 @@ def _apply_method(model, cfg: TrainConfig):
                                                  modules_to_save=tuple(m.lora.modules_to_save)))
 
 
+# transformers holds only a weak reference to the registered DeepSpeed config; this keeps it for
+# the life of the worker process (one training per worker).
+_ZERO3_CONFIG = None
+
+
+def _register_zero3(cfg: TrainConfig, world_size: int) -> None:
+    """ZeRO-3 from a llava-hf model (`model.init_from`, as the 7B stage-2 recipe starts): register
+    DeepSpeed's config with transformers before loading, so `from_pretrained` runs under
+    `deepspeed.zero.Init` and a worker materialises only its own partition of the weights instead
+    of the full model (at 7B: 28 GB fp32 per worker, 8 workers per node). Assembling from a
+    separate vision tower and LM (`build_llava`) plugs loaded parts into a meta-device shell, which
+    zero.Init cannot partition; that path loads whole and DeepSpeed partitions at initialize."""
+    global _ZERO3_CONFIG
+    if cfg.distributed.zero_stage != 3 or not cfg.model.init_from:
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    plan = BatchPlan(cfg.optim.global_batch, cfg.optim.micro_batch, world_size)
+    _ZERO3_CONFIG = HfDeepSpeedConfig(deepspeed_config(plan, zero_stage=3, precision=_precision(cfg),
+                                                       grad_clip=cfg.optim.grad_clip))
+
+
 def _data_source(cfg: TrainConfig, processor, ctx: WorkerContext):
     """The training set as this worker holds it: the sample index resident, samples read by
     position (`llava.train.loader`). Processed shards: the index from the manifest's folder, rows
@@ -382,6 +404,7 @@ def train_loop(config: dict) -> None:
     if config.get("tracking_uri"):
         tracking.configure(config["tracking_uri"])
     _seed_all(cfg.seed)
+    _register_zero3(cfg, ctx.world_size)
     loaded = _load_model(cfg)
     processor = loaded.processor
     if cfg.model.gradient_checkpointing:
