@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/zero3_host_memory.py [--hidden 1280 --layers 24] [--steps 1]
 
-Builds a random-weight Llama of about 0.5B parameters (saved in fp32 like any checkpoint, with the
-tiny pipeline's tokenizer) and the tiny CLIP tower, then runs the real `python -m jobs.train` on
-the stage-1 preset with 2 Ray Train workers (DeepSpeed on CPU) for `--steps` steps, once with
-`distributed.zero_stage=0` and once with `3`. Under ZeRO-3 the worker registers DeepSpeed's config
-with transformers before loading (`jobs.train_worker._register_zero3`), so the LM is built under
-`deepspeed.zero.Init` and each worker holds its partition instead of the full weights. The figure
-is the lead worker's `worker_peak_rss_mib` after the last step.
+Builds a random-weight Llama of about 0.5B parameters (fp32, the tiny pipeline's tokenizer),
+assembles it with the tiny CLIP tower into a llava-hf directory (what stage 1 exports), then runs
+the real `python -m jobs.train` on the stage-2 preset from it (`model.init_from`, LM frozen so
+that optimizer state does not dominate) with 2 Ray Train workers (DeepSpeed on CPU) for `--steps`
+steps, once with `distributed.zero_stage=0` and once with `3`. Under ZeRO-3 the worker registers
+DeepSpeed's config with transformers before loading (`jobs.train_worker._register_zero3`), so the
+model is loaded under `deepspeed.zero.Init` and each worker holds its partition instead of the
+full weights. The figure is the lead worker's `worker_peak_rss_mib` after the last step.
 Last line: `RESULT params_m=... rss_mib_zero0=... rss_mib_zero3=... saving_mib=...`
 """
 
@@ -41,13 +42,14 @@ def build_lm(out: Path, tokenizer_dir: Path, hidden: int, layers: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(work: Path, zero: int, steps: int, vision: Path, lm: Path, data) -> float:
+def run(work: Path, zero: int, steps: int, llava_dir: Path, data) -> float:
     from mlflow.tracking import MlflowClient
 
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "DS_ACCELERATOR": "cpu", "RAY_DISABLE_USAGE_STATS": "1"}
-    subprocess.run([sys.executable, "-m", "jobs.train", "--config", "jobs/configs/tiny_stage1.yaml",
-                    f"model.vision={vision}", f"model.language_model={lm}", f"data.records={data.stage1}",
+    subprocess.run([sys.executable, "-m", "jobs.train", "--config", "jobs/configs/tiny_stage2.yaml",
+                    f"model.vision={llava_dir}", f"model.language_model={llava_dir}", f"model.init_from={llava_dir}",
+                    "method.language_model.mode=frozen", f"data.records={data.stage2}",
                     f"data.image_root={data.image_root}", f"optim.max_steps={steps}", "optim.global_batch=2",
                     "optim.micro_batch=1", f"distributed.zero_stage={zero}", f"checkpoint.storage={work / 'ckpt'}",
                     "checkpoint.every_n_steps=1000", f"output={work / f'out{zero}'}", "tracking.experiment=zero3",
@@ -75,7 +77,12 @@ def main() -> int:
         params = build_lm(work / "lm", tiny_lm, args.hidden, args.layers)
         print(f"random LM: {params / 1e6:.0f}M parameters", flush=True)
         data = write_shapes_dataset(work / "data", 8, seed=0, image_size=64, n_eval=1)
-        rss = {zero: run(work, zero, args.steps, vision, work / "lm", data) for zero in (0, 3)}
+        from llava.model.builder import build_llava, save_llava
+
+        model, processor = build_llava(vision, work / "lm", template="vicuna_v1")
+        llava_dir = save_llava(model, processor, work / "llava")
+        del model
+        rss = {zero: run(work, zero, args.steps, llava_dir, data) for zero in (0, 3)}
         for zero, mib in rss.items():
             print(f"ZeRO-{zero}: lead worker peak RSS {mib:.0f} MiB", flush=True)
     print(f"RESULT params_m={params / 1e6:.0f} rss_mib_zero0={rss[0]:.0f} rss_mib_zero3={rss[3]:.0f} "
