@@ -5,7 +5,6 @@ from the API shown as readable messages. A screenshot is kept as a test artifact
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import re
