@@ -203,8 +203,9 @@ def _check_packable(data, max_length: int, bos_id: int | None) -> None:
     if too_long:
         raise PackingError(f"too_long: {too_long} of {len(data.index)} samples exceed max_length {max_length}")
     if isinstance(data, EncodedRecords):
-        check_packable([TrainSample(data.ids[i], data.tokens[data.offsets[i]:data.offsets[i + 1]],
-                                    data.labels[data.offsets[i]:data.offsets[i + 1]]) for i in range(len(data.ids))],
+        check_packable([TrainSample(data.ids[i], data.tokens[data.offsets[i]:data.offsets[i + 1]].tolist(),
+                                    data.labels[data.offsets[i]:data.offsets[i + 1]].tolist())
+                        for i in range(len(data.ids))],
                        max_length=max_length, bos_token_id=bos_id)
 
 

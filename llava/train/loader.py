@@ -77,7 +77,7 @@ class ProcessedShards:
                 row = int(loc[k, 2])
                 ids, labels, images = (table.column(c)[row] for c in ("input_ids", "labels", "images"))
                 blobs = images.as_py() or []
-                out[k] = TrainSample(str(table.column("id")[row]), ids.values.to_numpy(), labels.values.to_numpy(),
+                out[k] = TrainSample(str(table.column("id")[row]), ids.as_py(), labels.as_py(),
                                      [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs],
                                      "image" if blobs else "text")
         return out  # type: ignore[return-value]
@@ -110,7 +110,7 @@ class EncodedRecords:
             a, b = self.offsets[i], self.offsets[i + 1]
             sid = self.ids[i]
             images = [self._image(sid, name) for name in self.images[i]]
-            out.append(TrainSample(sid, self.tokens[a:b], self.labels[a:b], images,
+            out.append(TrainSample(sid, self.tokens[a:b].tolist(), self.labels[a:b].tolist(), images,
                                    "image" if images else "text"))
         return out
 
