@@ -522,6 +522,10 @@ def _run_steps(cfg: TrainConfig, engine, scheduler, processor, data, plan, ctx: 
             _say(ctx, f"stage {cfg.stage}: stopping after step {last} as configured (stop_after_steps)")
             return
     if last == total:
+        if metrics_out is not None:
+            # The export logs the model to MLflow: after an outage late in the run, wait (bounded) for
+            # the store to take the buffered metrics again rather than fail the finished training.
+            metrics_out.flush(metrics_out.final_wait_s)
         _export(engine, processor, cfg, ctx, cfg.distributed.zero_stage)
         _say(ctx, f"stage {cfg.stage}: exported llava-hf model to {cfg.output}")
 
