@@ -40,6 +40,7 @@ class KubeRayStandIn:
         self.finished: dict[str, str] = {}  # RayJob name -> final Ray job status
         self.deployed: dict[str, str] = {}  # RayService name -> serveConfigV2 it runs
         self.errors: list[str] = []
+        self.transient: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kuberay-standin", daemon=True)
 
@@ -56,6 +57,8 @@ class KubeRayStandIn:
         while not self._stop.is_set():
             try:
                 self._tick()
+            except httpx.TransportError as err:  # a busy dashboard refusing a poll: try again next tick
+                self.transient.append(f"{type(err).__name__}: {err}")
             except Exception as err:  # reported by the test instead of dying silently in the thread
                 self.errors.append(f"{type(err).__name__}: {err}")
             self._stop.wait(0.5)
