@@ -170,7 +170,12 @@ def _register_zero3(cfg: TrainConfig, world_size: int) -> None:
     global _ZERO3_CONFIG
     if cfg.distributed.zero_stage != 3 or not cfg.model.init_from:
         return
+    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init checks the batch plan against DeepSpeed's own view of the world size, which is 1
+    # until DeepSpeed adopts the process group Ray Train created.
+    deepspeed.init_distributed()
 
     plan = BatchPlan(cfg.optim.global_batch, cfg.optim.micro_batch, world_size)
     _ZERO3_CONFIG = HfDeepSpeedConfig(deepspeed_config(plan, zero_stage=3, precision=_precision(cfg),

@@ -43,6 +43,11 @@ class PartModes:
         return [p for p in PARTS if self.mode(p) == mode]
 
 
+
+def _numel(param) -> int:
+    """Elements of a parameter, also when ZeRO-3 partitioned it at load (its local tensor is empty)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
 def part_of(name: str) -> str:
     """Map a parameter name of LlavaForConditionalGeneration (peft-wrapped or not) to a part."""
     if "vision_tower" in name:
@@ -75,7 +80,7 @@ def apply_freezing(model: torch.nn.Module, modes: PartModes) -> dict[str, int]:
         train = _trains(name, modes.mode(part), linear_identity)
         param.requires_grad_(train)
         if train:
-            counts[part] += param.numel()
+            counts[part] += _numel(param)
     counts["total"] = sum(counts[p] for p in PARTS)
     return counts
 
@@ -83,7 +88,7 @@ def apply_freezing(model: torch.nn.Module, modes: PartModes) -> dict[str, int]:
 def total_parameters(model: torch.nn.Module) -> int:
     """Parameters of the model as trained: the base weights once (peft's frozen original twins of
     modules_to_save copies are not counted again), plus the adapters."""
-    return sum(p.numel() for n, p in model.named_parameters() if ".original_module." not in n)
+    return sum(_numel(p) for n, p in model.named_parameters() if ".original_module." not in n)
 
 
 def describe_trainable(counts: dict[str, int], model: torch.nn.Module) -> str:
