@@ -115,6 +115,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from llava_platform.serving.chat_page import PAGE_PATH
     from llava_platform.serving.launch import ServeStartError, start_app
 
     started_ray = not ray.is_initialized()
@@ -129,6 +130,7 @@ def serve_main(args: argparse.Namespace) -> int:
         _stop(serve, ray, started_ray)
         return 1
     print(f"serving {cfg.model_uri} as {cfg.served_model_name!r} at {url}/v1 (Ctrl-C to stop)", flush=True)
+    print(f"chat page: {url}{PAGE_PATH}", flush=True)
     try:
         while True:
             time.sleep(3600)
