@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -105,6 +106,15 @@ def test_stopped_and_resumed_run_matches_uninterrupted(ray_local, tracking_uri, 
     assert full[0] != pytest.approx(full[-1], rel=1e-3)
 
 
+def _descends_from_us(proc) -> bool:
+    import psutil
+
+    try:
+        return any(parent.pid == os.getpid() for parent in proc.parents())
+    except psutil.Error:
+        return False
+
+
 def _kill_one_worker_after_checkpoint(storage: Path, killed: dict) -> None:
     import signal
 
@@ -117,7 +127,9 @@ def _kill_one_worker_after_checkpoint(storage: Path, killed: dict) -> None:
         if any('"latest_checkpoint_result": null' not in f.read_text() and "checkpoint_" in f.read_text()
                for f in storage.glob("*/checkpoint_manager_snapshot.json")):
             for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                # Only this test's own Ray (started by this process): other Ray instances on the
+                # machine (another suite, a `make run`) are not ours to kill.
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and _descends_from_us(proc):
                     proc.send_signal(signal.SIGKILL)
                     killed["pid"] = proc.info["pid"]
                     return
