@@ -50,7 +50,9 @@ def test_failure_after_the_run_started_marks_it_failed(tmp_path, shapes_data, ti
 
     monkeypatch.setattr(jobs.train, "_ray_init", cluster_gone)  # the failure injected between run start and fit
     with pytest.raises(ConnectionError):
-        run_training(_cfg(tmp_path, shapes_data, *map(str, tiny_checkpoints)))
+        # The URI named in the config: an earlier test of the session may have set another one
+        # in this process, which would win over MLFLOW_TRACKING_URI.
+        run_training(_cfg(tmp_path, shapes_data, *map(str, tiny_checkpoints), f"tracking.tracking_uri={uri}"))
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("llava").experiment_id])
     assert run.info.status == "FAILED"
