@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.mlflow_server",
     "tests.fixtures.s3",
     "tests.fixtures.k8s",
+    "tests.fixtures.distributed",
 ]

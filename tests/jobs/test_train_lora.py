@@ -99,24 +99,7 @@ def test_lora_fine_tune_of_the_champion_resumes_exactly_and_exports_merged_and_a
     assert 0 < trained["trainable.fraction"] < 0.2, trained
 
 
-@pytest.fixture
-def one_process_group(monkeypatch):
-    """A world of one (gloo) in this process: DeepSpeed's ZeRO-3 partitioning, hooks and gathers
-    run as on a cluster, without Ray."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-
-
-def test_zero3_lora_trains_and_exports_adapter_and_merged_model(one_process_group, tiny_llava_dir, shapes_data,
+def test_zero3_lora_trains_and_exports_adapter_and_merged_model(one_rank_process_group, tiny_llava_dir, shapes_data,
                                                                  tmp_path, monkeypatch):
     """ZeRO-3 partitions the base and the adapters alike; the export gathers only what trained
     (the adapters and the projector) and merges them into the base read back from its checkpoint."""
@@ -157,7 +140,7 @@ def test_zero3_lora_trains_and_exports_adapter_and_merged_model(one_process_grou
     assert (got - before).abs().max() > 1e-4, "training under ZeRO-3 changed nothing"
 
 
-def test_qlora_trains_checkpoints_and_exports_on_cpu(one_process_group, tiny_llava_dir, shapes_data, tmp_path,
+def test_qlora_trains_checkpoints_and_exports_on_cpu(one_rank_process_group, tiny_llava_dir, shapes_data, tmp_path,
                                                      monkeypatch):
     """QLoRA through the training loop's pieces under ZeRO-2: 4-bit base (bitsandbytes runs it on
     CPU), a checkpoint of what trains round-trips, and the export merges into the unquantized base."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -35,25 +33,6 @@ def test_global_grad_norm_is_the_norm_of_all_gradients_as_one_vector():
     expected = torch.cat(grads).double().norm()
     assert global_grad_norm(model.parameters()).item() == pytest.approx(expected.item(), rel=1e-6)
     assert global_grad_norm([torch.nn.Parameter(torch.ones(2))]).item() == 0.0
-
-
-@pytest.fixture(scope="module")
-def one_rank_process_group():
-    """torch.distributed with one gloo rank in this process: what DeepSpeed needs to build an engine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _micro_batches(processor, shapes_data) -> list[dict]:
