@@ -37,12 +37,15 @@ def embedded_tracking_uri(workdir: str | Path) -> str:
 
 
 def configure(tracking_uri: str | None = None) -> str:
-    """Use `tracking_uri`, else the URI already set in this process or MLFLOW_TRACKING_URI, else the
+    """Use `tracking_uri`, else MLFLOW_TRACKING_URI, else the URI already set in this process, else the
     embedded store that `make run` writes (`sqlite:///.llava/mlflow.db`, artifacts beside it), said
     on stderr. Never MLflow's own default: ./mlflow.db and ./artifacts in whatever directory a job
     happens to run from. Returns the URI in use."""
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
+    # The environment names the store of the job at hand (a Ray job's runtime env, llavactl run):
+    # it wins over a URI that earlier work in the same process left set, which MLflow would prefer.
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     elif not is_tracking_uri_set():
