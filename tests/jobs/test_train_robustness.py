@@ -67,11 +67,12 @@ def _restart_server_mid_training(uri: str, root: Path, port: int, state: dict) -
     """Once two steps are in MLflow, stop the server for a while (training goes on), then start it
     again on the same port and store."""
     client = MlflowClient(uri)
-    deadline = time.time() + 600
+    deadline = time.time() + 300
     while time.time() < deadline:
         exp = client.get_experiment_by_name("llava")
         runs = client.search_runs([exp.experiment_id]) if exp else []
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 2:
+        # any run of the experiment: the newest one need not be the training run
+        if any(len(client.get_metric_history(r.info.run_id, "loss")) >= 2 for r in runs):
             break
         time.sleep(0.3)
     stop_mlflow_server(state["proc"])
