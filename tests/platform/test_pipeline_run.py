@@ -1,5 +1,8 @@
 """`llavactl run` end to end as a user runs it: a subprocess on the embedded default, then the
-champion loaded from the registry with plain transformers."""
+champion loaded from the registry with plain transformers.
+
+Named to run before test_readme_walk.py and test_rerun_pipeline.py, which promote and register more
+versions in the same session work dir (the second run may keep the first champion)."""
 
 from __future__ import annotations
 
