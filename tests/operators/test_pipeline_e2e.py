@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from kubernetes import client
 from tests.operators.kuberay_standin import KubeRayStandIn
 from tests.operators.pipelines import EXAMPLES_DIR, REPO_ROOT
 from tests.operators.test_operator_kmock import declare
-from tests.platform.test_submit import _free_ports, _stop_head
+from tests.platform.test_submit import _free_ports, ray_head_process
 
 NS = "default"
 LP = ("llava.dev", "v1alpha1")
@@ -36,41 +34,13 @@ LP = ("llava.dev", "v1alpha1")
 def ray_head_for_jobs(tmp_path):
     """(dashboard URL, token) of a Ray head with the Jobs and Serve REST APIs on 127.0.0.1 and token
     auth on (as KubeRay's `authOptions.mode: token`); its jobs run `python` from this venv."""
-    temp_dir = tempfile.mkdtemp(prefix="re2e", dir="/tmp")
-    gcs, dashboard, client_port, agent, min_worker = _free_ports(5)
-    token = secrets.token_hex(24)
     # Ray's OOM killer watches the whole machine, which the rest of the suite shares: it would kill
     # these jobs for other processes' memory. The jobs here are small (a tiny model, one worker).
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
-               RAY_memory_monitor_refresh_ms="0", DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE",
+    env = dict(RAY_memory_monitor_refresh_ms="0", DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--include-dashboard", "true", "--ray-client-server-port", str(client_port),
-           "--dashboard-agent-listen-port", str(agent), "--min-worker-port", str(min_worker),
-           "--max-worker-port", str(min_worker + 60), "--num-cpus", "4", "--memory", str(8 * 1024**3),
-           "--temp-dir", temp_dir, "--disable-usage-stats"]
-    log = Path(temp_dir) / "head.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{address}/api/version", timeout=2,
-                             headers={"Authorization": f"Bearer {token}"}).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray head did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield address, token
-    finally:
-        _stop_head(proc, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head_process("re2e", num_cpus=4, workers=60, env=env,
+                          extra_args=("--memory", str(8 * 1024**3))) as head:
+        yield head
 
 
 def _tiny_pipeline(shapes_data, tiny_checkpoints, bucket: str, s3_endpoint: str) -> dict:

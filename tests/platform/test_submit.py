@@ -70,22 +70,25 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """(address, token) of a local Ray head with the dashboard on 127.0.0.1 and token auth on."""
-    temp_dir = tempfile.mkdtemp(prefix="rsub", dir="/tmp")
+@contextlib.contextmanager
+def ray_head_process(prefix: str, *, num_cpus: int, workers: int, env: dict | None = None,
+                     extra_args: tuple[str, ...] = ()):
+    """(dashboard URL, token) of a `ray start --head` on 127.0.0.1 with the dashboard and token auth on,
+    stopped (with everything it started) on exit."""
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     gcs, dashboard, client_port, agent, min_worker = _free_ports(5)
     token = secrets.token_hex(24)
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-           "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
-           "--min-worker-port", str(min_worker), "--max-worker-port", str(min_worker + 40),
-           "--num-cpus", "1", "--temp-dir", temp_dir, "--disable-usage-stats"]
+    run_env = dict(os.environ, **(env or {}), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    run_env.pop("RAY_ADDRESS", None)
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+           "--include-dashboard", "true", "--ray-client-server-port", str(client_port),
+           "--dashboard-agent-listen-port", str(agent), "--min-worker-port", str(min_worker),
+           "--max-worker-port", str(min_worker + workers), "--num-cpus", str(num_cpus), *extra_args,
+           "--temp-dir", temp_dir, "--disable-usage-stats"]
     log = Path(temp_dir) / "head.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
@@ -103,6 +106,13 @@ def ray_head():
     finally:
         _stop_head(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(address, token) of a local Ray head with the dashboard on 127.0.0.1 and token auth on."""
+    with ray_head_process("rsub", num_cpus=1, workers=40) as head:
+        yield head
 
 
 @pytest.fixture
