@@ -37,11 +37,11 @@ def test_any_record_order_trains_on_the_same_tokens(tiny_processor, template):
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chatml"])
-def test_inference_prompt_equals_the_training_prompt_for_any_request_order(tiny_processor, template):
+def test_inference_prompt_equals_the_training_prompt_for_any_request_order(tiny_processor, monkeypatch, template):
     """What the evaluation/serving path renders (the processor's chat template, image parts in any
     position, or a string with the placeholder anywhere) is the training prompt up to the answer."""
     tmpl = get_template(template, eos_token=tiny_processor.tokenizer.eos_token)
-    tiny_processor.chat_template = tmpl.chat_template
+    monkeypatch.setattr(tiny_processor, "chat_template", tmpl.chat_template)
     trained = tmpl.render([{"role": "user", "content": ORDERS[1]}, {"role": "assistant", "content": "3"}]).text
     requests = [
         [{"type": "image"}, {"type": "text", "text": QUESTION}],
@@ -56,9 +56,9 @@ def test_inference_prompt_equals_the_training_prompt_for_any_request_order(tiny_
         assert prompt.count("<image>") == 1
 
 
-def test_text_only_turns_are_untouched(tiny_processor):
+def test_text_only_turns_are_untouched(tiny_processor, monkeypatch):
     tmpl = get_template("vicuna_v1", eos_token="</s>")
-    tiny_processor.chat_template = tmpl.chat_template
+    monkeypatch.setattr(tiny_processor, "chat_template", tmpl.chat_template)
     messages = [{"role": "user", "content": "  Say hi.  "}]
     assert tiny_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         tmpl.generation_prompt(messages)

@@ -87,7 +87,7 @@ def test_golden_mask(tiny_processor, case, template, record, text, pieces):
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chatml", "plain"])
-def test_jinja_chat_template_matches_training_renderer(tiny_processor, template):
+def test_jinja_chat_template_matches_training_renderer(tiny_processor, monkeypatch, template):
     """The processor's chat template (used at inference) renders the same string as training."""
     tok = tiny_processor.tokenizer
     tmpl = get_template(template, eos_token=tok.eos_token)
@@ -97,7 +97,7 @@ def test_jinja_chat_template_matches_training_renderer(tiny_processor, template)
         from llava.data.records import to_messages
 
         messages = to_messages(record)
-        tiny_processor.chat_template = tmpl.chat_template
+        monkeypatch.setattr(tiny_processor, "chat_template", tmpl.chat_template)
         jinja = tiny_processor.apply_chat_template(messages, tokenize=False)
         assert jinja == tmpl.render(messages).text
         if template != "plain":
@@ -105,9 +105,9 @@ def test_jinja_chat_template_matches_training_renderer(tiny_processor, template)
             assert prompt == tmpl.generation_prompt(messages[:-1])
 
 
-def test_image_part_renders_as_record_placeholder(tiny_processor):
+def test_image_part_renders_as_record_placeholder(tiny_processor, monkeypatch):
     tmpl = get_template("vicuna_v1", eos_token="</s>")
-    tiny_processor.chat_template = tmpl.chat_template
+    monkeypatch.setattr(tiny_processor, "chat_template", tmpl.chat_template)
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     text = tiny_processor.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
     assert text == f"{SYS} USER: <image>\nWhat is it? ASSISTANT:"

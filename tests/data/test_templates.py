@@ -21,10 +21,10 @@ def _conversation(name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", TEMPLATE_NAMES)
-def test_jinja_and_training_renderer_agree(tiny_processor, name):
+def test_jinja_and_training_renderer_agree(tiny_processor, monkeypatch, name):
     tmpl = get_template(name, eos_token=tiny_processor.tokenizer.eos_token)
     messages = _conversation(name)
-    tiny_processor.chat_template = tmpl.chat_template
+    monkeypatch.setattr(tiny_processor, "chat_template", tmpl.chat_template)
     assert tiny_processor.apply_chat_template(messages, tokenize=False) == tmpl.render(messages).text
     if name != "plain":
         prompt = tiny_processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
