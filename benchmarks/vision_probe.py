@@ -4,7 +4,9 @@
 
 For each training image, every patch token of the vision layers 0 (embeddings), -2 (the one LLaVA
 reads) and -1 is labelled with the colour and the shape of the shape whose centre lies in that
-patch's cell ("none" for empty cells); a linear classifier is fitted on 80% of the patches and
+patch's cell ("none" for empty cells), and with that cell's column and row (what "left of" and
+"above" questions need: the LM's rotary positions never reach a token's value, so where a patch
+lies must be in its features); a linear classifier is fitted on 80% of the patches and
 scored on the rest. With the preset's 3x3 patch grid = the layout's 3x3 cells, a probe near 100%
 means the feature the LM needs for a question about that cell is there, linearly, and a failure
 to answer lies downstream (projector, LM); a low probe means the tower itself must learn it.
@@ -83,11 +85,16 @@ def run(base: Path, data: Path, limit: int) -> dict[str, float]:
     labels = [cell_labels(r) for r in records]
     colours = torch.tensor([c for cs, _ in labels for c in cs])
     shapes = torch.tensor([s for _, ss in labels for s in ss])
+    cells = torch.arange(GRID * GRID).repeat(len(records))
+    columns = torch.where(shapes > 0, cells % GRID + 1, 0)
+    rows = torch.where(shapes > 0, cells // GRID + 1, 0)
     out = {"multi_token_answers": float(sum(len(t) > 1 for t in split.values()))}
     for layer in LAYERS:
         feats = hidden[layer][:, 1:].reshape(-1, hidden[layer].shape[-1])  # CLS dropped, as LLaVA does
         out[f"layer{layer}.colour"] = probe(feats, colours, len(COLORS) + 1)
         out[f"layer{layer}.shape"] = probe(feats, shapes, len(SHAPES) + 1)
+        out[f"layer{layer}.column"] = probe(feats, columns, GRID + 1)
+        out[f"layer{layer}.row"] = probe(feats, rows, GRID + 1)
     return out
 
 

@@ -9,10 +9,10 @@ same bytes. Files written under `out_dir`:
     captions.jsonl           {"id", "image", "captions": [5], "instances": [{"category", "bbox"}]}
                              (the schema of the reference caps_boxes_coco2014_val_80.jsonl)
     stage1.json              brief-description instruction + caption, one turn per image
-    stage2.json              rule-teacher conversation / detail_description / complex_reasoning
-                             records, plus per image one conversation of short-answer questions
-                             (as LLaVA-1.5 mixes grouped VQA data in), in the wording of the
-                             held-out questions, and one ScienceQA-format item
+    stage2.json              per image one rule-teacher record (conversation / detail_description /
+                             complex_reasoning in turn), three conversations of short-answer
+                             questions (as LLaVA-1.5 mixes grouped VQA data in) in the wording of
+                             the held-out questions, and one ScienceQA-format item
     eval/captions.jsonl      captions + boxes of the held-out images
     eval/shapes_qa.jsonl     {"id", "image", "question", "answer", "question_type", "question_detail"}
     eval/scienceqa.jsonl     {"id", "question", "choices", "answer", "subject", "context", "image",
@@ -49,8 +49,9 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUND = ("white", (255, 255, 255))
 GRID = 3
-# One-word question turns per image in its short-answer conversation.
+# One-word question turns per short-answer conversation, and such conversations per image.
 SHORT_ANSWER_TURNS = 6
+SHORT_ANSWER_CONVERSATIONS = 3
 
 
 @dataclass(frozen=True)
@@ -162,19 +163,23 @@ def stage1_record(caps: dict[str, Any], rng: random.Random) -> dict[str, Any]:
                               {"from": "gpt", "value": rng.choice(caps["captions"])}]}
 
 
-def stage2_records(caps: dict[str, Any], teacher: RuleTeacher, seed: int) -> list[dict[str, Any]]:
-    out = []
-    for task in TASK_TYPES:
-        rng = random.Random(f"{seed}:{caps['id']}:{task}:parse")
-        reply = teacher.reply(caps, task)
-        out.append(reply_to_record(reply, task, record_id=caps["id"], image=caps["image"], rng=rng))
-    rng = random.Random(f"{seed}:{caps['id']}:short")
-    out.append(short_answer_record(caps, rng))
-    out.append(multiple_choice_record(caps, rng))
+def stage2_records(caps: dict[str, Any], teacher: RuleTeacher, seed: int, index: int) -> list[dict[str, Any]]:
+    """The stage-2 records of the `index`-th training image: one rule-teacher record (the task type
+    turns with the image, so each type covers a third of the images), SHORT_ANSWER_CONVERSATIONS
+    short-answer conversations in different question orders and one ScienceQA-format item.
+    The one-word answers get most of the records because binding a named shape to its image token
+    is what a tiny LM learns slowest (benchmarks/README.md, Learning)."""
+    task = TASK_TYPES[index % len(TASK_TYPES)]
+    rng = random.Random(f"{seed}:{caps['id']}:{task}:parse")
+    out = [reply_to_record(teacher.reply(caps, task), task, record_id=caps["id"], image=caps["image"], rng=rng)]
+    for j in range(SHORT_ANSWER_CONVERSATIONS):
+        out.append(short_answer_record(caps, random.Random(f"{seed}:{caps['id']}:short:{j}"), number=j))
+    out.append(multiple_choice_record(caps, random.Random(f"{seed}:{caps['id']}:choice")))
     return out
 
 
-def short_answer_record(caps: dict[str, Any], rng: random.Random, max_turns: int = SHORT_ANSWER_TURNS) -> dict[str, Any]:
+def short_answer_record(caps: dict[str, Any], rng: random.Random, max_turns: int = SHORT_ANSWER_TURNS,
+                        number: int = 0) -> dict[str, Any]:
     """Up to `max_turns` one-word questions about one image (count, colours, relations) in random
     order as one multi-turn conversation, image in the first turn: LLaVA-1.5 groups the VQA
     questions of an image the same way, and one image then supervises several answers for the
@@ -183,10 +188,26 @@ def short_answer_record(caps: dict[str, Any], rng: random.Random, max_turns: int
     items = short_answer_items(Scene.from_record(caps), "shape")
     rng.shuffle(items)
     turns = []
-    for i, qa in enumerate(items[:max_turns]):
+    for i, qa in enumerate(_without_mirrors(items)[:max_turns]):
         question = place_image_token(qa.question, rng) if i == 0 else qa.question
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": qa.answer}]
-    return {"id": f"{caps['id']}_short_answer", "image": caps["image"], "conversations": turns}
+    return {"id": f"{caps['id']}_short_answer_{number}", "image": caps["image"], "conversations": turns}
+
+
+def _without_mirrors(items: list[ShortQA]) -> list[ShortQA]:
+    """Drops a relation question whose mirror ("is B left or right of A" after "is A left or right
+    of B") came earlier: its answer follows from the earlier turn's without looking, and a model
+    trained on both learns to flip the previous answer instead of reading the image (measured:
+    held-out relations answered mirrored, below chance)."""
+    seen, out = set(), []
+    for qa in items:
+        if qa.question_type == "position":
+            key = (frozenset(qa.subjects), qa.detail in ("left", "right"))
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(qa)
+    return out
 
 
 def multiple_choice_record(caps: dict[str, Any], rng: random.Random) -> dict[str, Any]:
@@ -284,7 +305,7 @@ def write_shapes_dataset(out_dir: str | Path, n: int, *, seed: int = 0, image_si
     _write_jsonl(ds.eval_captions, held)
     stage1 = [stage1_record(c, random.Random(f"{seed}:{c['id']}:stage1")) for c in train]
     ds.stage1.write_text(json.dumps(stage1, indent=1))
-    stage2 = [r for c in train for r in stage2_records(c, teacher, seed)]
+    stage2 = [r for i, c in enumerate(train) for r in stage2_records(c, teacher, seed, i)]
     ds.stage2.write_text(json.dumps(stage2, indent=1))
     qa_rows = [{"id": f"{c['id']}_q{i}", "image": c["image"], "question": q.question, "answer": q.answer,
                 "question_type": q.question_type, "question_detail": q.detail}

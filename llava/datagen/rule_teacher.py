@@ -40,6 +40,7 @@ class ShortQA:
     answer: str
     question_type: str  # count | color | position
     detail: str = ""  # position: left/right/above/below
+    subjects: tuple[str, ...] = ()  # position: the two categories compared, in question order
 
 
 def format_qa(pairs: list[tuple[str, str]]) -> str:
@@ -77,11 +78,11 @@ def short_answer_items(scene: Scene, noun: str) -> list[ShortQA]:
             side = horizontal_relation(a, b)
             if side:
                 q = f"{horizontal_question(a.category, b.category)} {SHORT_ANSWER_SUFFIX}"
-                items.append(ShortQA(q, side, "position", side))
+                items.append(ShortQA(q, side, "position", side, (a.category, b.category)))
             level = vertical_relation(a, b)
             if level:
                 q = f"{vertical_question(a.category, b.category)} {SHORT_ANSWER_SUFFIX}"
-                items.append(ShortQA(q, level, "position", level))
+                items.append(ShortQA(q, level, "position", level, (a.category, b.category)))
     return items
 
 

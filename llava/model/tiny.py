@@ -157,6 +157,23 @@ def pretrain_clip(clip: CLIPModel, image_processor, tokenizer, pairs: list[tuple
     return losses
 
 
+def grid_position_embeddings(side: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings for a `side` x `side` patch grid plus the class token
+    (row 0, zeros), half the channels for the row and half for the column, as ViT-style towers are
+    initialised. Scaled to unit RMS per channel, the size of the patch embeddings at
+    initialisation: CLIP's default (std 0.02) is ~2% of a patch token, so a tower pre-trained from
+    it hardly knows where a patch is, and "left of" or "above" cannot be read from its features."""
+    if dim % 4:
+        raise ValueError(f"hidden size must be a multiple of 4 for 2-D sine-cosine positions, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    coords = torch.arange(side, dtype=torch.float32)[:, None] * freqs[None]
+    axis = torch.cat([coords.sin(), coords.cos()], dim=1)  # (side, dim / 2)
+    rows = axis[:, None, :].expand(side, side, -1)
+    cols = axis[None, :, :].expand(side, side, -1)
+    grid = torch.cat([rows, cols], dim=-1).reshape(side * side, dim) * 2**0.5
+    return torch.cat([torch.zeros(1, dim), grid])
+
+
 def build_tiny_checkpoints(
     out_dir: str | Path,
     *,
@@ -188,6 +205,9 @@ def build_tiny_checkpoints(
         projection_dim=64,
     )
     clip = CLIPModel(clip_cfg)
+    with torch.no_grad():
+        clip.vision_model.embeddings.position_embedding.weight.copy_(
+            grid_position_embeddings(image_size // patch_size, clip_cfg.vision_config.hidden_size))
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},

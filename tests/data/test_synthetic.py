@@ -86,7 +86,7 @@ def test_stage1_and_stage2_records(shapes):
     assert placements == {True, False}, "the image token must be placed both before and after"
 
     stage2 = json.loads(shapes.stage2.read_text())
-    kinds = {rec["id"].split("_", 2)[-1] for rec in stage2}
+    kinds = {re.sub(r"_\d+$", "", rec["id"].split("_", 2)[-1]) for rec in stage2}
     assert set(TASK_TYPES) <= kinds and {"short_answer", "multiple_choice"} <= kinds
     for rec in stage2:
         turns = rec["conversations"]
@@ -125,25 +125,36 @@ def test_eval_questions_have_exact_answers_on_held_out_images(shapes):
 
 def test_short_answer_conversations_ask_every_type_first_with_true_answers(shapes):
     """One grouped conversation of one-word questions per image; each answer is what the scene
-    says, and every question type also opens a conversation (how the held-out set asks it)."""
+    says, every question type also opens a conversation (how the held-out set asks it), and no
+    relation question follows its own mirror (whose answer would give it away without the image)."""
     from llava.data.synthetic import SHORT_ANSWER_TURNS
     from llava.datagen.rule_teacher import short_answer_items
     from llava.datagen.scene import Scene
 
+    def axis_key(q):
+        return frozenset(q.subjects), q.detail in ("left", "right")
+
     captions = {r["id"]: r for r in _jsonl(shapes.captions)}
-    grouped = [r for r in json.loads(shapes.stage2.read_text()) if r["id"].endswith("_short_answer")]
-    assert len(grouped) == len(captions)
-    first_types = set()
+    from llava.data.synthetic import SHORT_ANSWER_CONVERSATIONS
+
+    grouped = [r for r in json.loads(shapes.stage2.read_text()) if "_short_answer_" in r["id"]]
+    assert len(grouped) == SHORT_ANSWER_CONVERSATIONS * len(captions)
+    first_types, mirrors_possible = set(), 0
     for rec in grouped:
-        truth = {(q.question, q.answer): q.question_type
-                 for q in short_answer_items(Scene.from_record(captions[rec["id"].removesuffix("_short_answer")]), "shape")}
+        truth = {(q.question, q.answer): q
+                 for q in short_answer_items(Scene.from_record(captions[rec["id"].rsplit("_short_answer_", 1)[0]]), "shape")}
         turns = rec["conversations"]
         pairs = [(turns[i]["value"].replace("<image>", "").strip(), turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
         assert 1 <= len(pairs) <= SHORT_ANSWER_TURNS and len(set(pairs)) == len(pairs)
         assert all(p in truth for p in pairs), pairs
-        assert len(pairs) == min(SHORT_ANSWER_TURNS, len(truth))
-        first_types.add(truth[pairs[0]])
+        relations = [axis_key(truth[p]) for p in pairs if truth[p].question_type == "position"]
+        assert len(set(relations)) == len(relations), pairs
+        distinct = {axis_key(q) if q.question_type == "position" else key for key, q in truth.items()}
+        mirrors_possible += len(truth) - len(distinct)
+        assert len(pairs) == min(SHORT_ANSWER_TURNS, len(distinct))
+        first_types.add(truth[pairs[0]].question_type)
     assert first_types == {"count", "color", "position"}
+    assert mirrors_possible > 0  # the scenes do offer mirrored pairs: the check above is not vacuous
 
 
 def test_scienceqa_items(shapes):
