@@ -90,7 +90,7 @@ class Evaluation(StrictModel):
 
 
 class Registry(StrictModel):
-    modelName: str = Field("llava", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    modelName: str = Field("llava-tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 

@@ -110,3 +110,17 @@ def test_render_uses_the_chart_settings():
     assert settings.image.startswith("registry.example.com/ml/llava-platform:")
     assert settings.image_pull_secrets == "registry-pull" and settings.ray_token_secret == "llava-ray-token"
     assert CHART.is_dir()
+
+
+def test_a_pipeline_without_a_registry_name_serves_the_model_the_jobs_register():
+    """One default model name: a LlavaPipeline that leaves `registry.modelName` out (CRD default,
+    then the operator's spec model) looks up and serves the name `promote` and `llavactl run`
+    register under by default."""
+    from jobs.pipeline import PipelineConfig
+    from jobs.promote import PromoteConfig
+    from llava_operator.spec import Registry
+
+    crd = yaml.safe_load(CRD.read_text())
+    spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    registered = {PipelineConfig.model_fields["model_name"].default, PromoteConfig.model_fields["model_name"].default}
+    assert registered == {spec_schema["registry"]["properties"]["modelName"]["default"], Registry().modelName}

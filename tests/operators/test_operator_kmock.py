@@ -164,7 +164,7 @@ def test_pipeline_walks_every_phase_then_delete_cleans_up(cluster, kuberay_valid
     status = cluster.wait("Succeeded", lambda: (s := cluster.status("demo")).get("phase") == "Succeeded" and s)
     assert status["rayJobs"] == {p: f"demo-{p}-1" for p in ("preprocess", "stage1", "stage2", "evaluate", "promote")}
     assert status["phases"]["stage2"]["jobId"] == "raysubmit_demo-stage2-1"
-    assert status["modelUri"] == "models:/llava@champion"
+    assert status["modelUri"] == "models:/llava-tiny@champion"  # the CRD default name
     assert status["observedGeneration"] == 1
     assert len(cluster.rayjobs()) == 5, "exactly one RayJob per phase"
 
