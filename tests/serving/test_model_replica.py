@@ -148,3 +148,42 @@ def test_model_cache_keeps_the_newest_versions_and_those_in_use(tmp_path):
     assert sorted(removed) == [entries[1], entries[2]]
     assert all(e.is_dir() for e in (entries[0], entries[3], entries[4]))
     assert (tmp_path / "models" / "m" / ".partial-x").is_dir()
+
+
+def test_request_images_are_prepared_as_the_model_was_trained(tiny_llava_dir, tmp_path):
+    """The model's metadata record decides pad or resize (a config value overrides it): a wide
+    image reaches the tower resized for a model trained on resized images, padded otherwise."""
+    import torch
+    from transformers import AutoProcessor
+
+    from llava.data.images import prepare_image
+    from llava.model.metadata import describe_model, write_metadata
+    from llava_platform.serving.config import ServeConfig
+    from llava_platform.serving.model import _prepare, load_model
+
+    model_dir = tmp_path / "resized-model"
+    shutil.copytree(tiny_llava_dir, model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    write_metadata(model_dir, describe_model(processor, template="vicuna_v1", image_mode="resize"))
+    wide = Image.new("RGB", (90, 30), (200, 30, 30))
+    item = _item("what colour")
+    item["messages"][0]["content"][0]["image"] = wide
+
+    def pixels_seen(cfg: ServeConfig):
+        bundle = load_model(model_dir, cfg)
+        try:
+            _, encoded, error = _prepare(bundle, item, cfg)
+            assert error is None
+            return bundle.image_mode, encoded["pixel_values"]
+        finally:
+            bundle.engine.close()
+
+    def pixels_of(mode: str):
+        return processor.image_processor([prepare_image(wide, processor.image_processor, mode)],
+                                         return_tensors="pt")["pixel_values"]
+
+    mode, seen = pixels_seen(ServeConfig(model_uri=str(model_dir)))
+    assert mode == "resize" and torch.equal(seen, pixels_of("resize"))
+    assert not torch.equal(pixels_of("resize"), pixels_of("pad"))  # the two modes differ on this image
+    mode, seen = pixels_seen(ServeConfig(model_uri=str(model_dir), image_mode="pad"))
+    assert mode == "pad" and torch.equal(seen, pixels_of("pad"))

@@ -131,7 +131,9 @@ class ServeConfig(StrictModel):
     served_model_name: str = Field("llava", min_length=1)
     app_name: str = "llava"
     route_prefix: str = "/"
-    image_mode: Literal["pad", "resize"] = "pad"
+    # None: images are prepared as the model's metadata record says it was trained (pad without a
+    # record); a value overrides the record, as evaluation's generation.image_mode does.
+    image_mode: Literal["pad", "resize"] | None = None
     allow_remote_images: bool = False
     remote_image_timeout_s: float = Field(10.0, gt=0)
     # With remote images on, hosts that resolve to loopback, private, link-local (the cloud metadata

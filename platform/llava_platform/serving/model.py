@@ -47,6 +47,7 @@ class LoadedModel:
     version: str
     context_length: int
     loaded_at: float
+    image_mode: str  # how request images are prepared: the model's record unless the config overrides it
 
 
 def resolve_model(uri: str, cfg: ServeConfig) -> Path:
@@ -69,14 +70,21 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> LoadedModel:
     from llava.infer.engines import make_engine
     from llava.infer.generate import context_length
     from llava.infer.load import load_for_inference
+    from llava.model.metadata import read_metadata
 
     model, processor = load_for_inference(str(model_dir), device=cfg.model.device, dtype=cfg.model.dtype)
+    meta = read_metadata(model_dir)
+    trained = meta.image_mode if meta else "pad"
+    image_mode = cfg.image_mode or trained
+    if image_mode != trained:
+        log.warning("serving %s with image_mode=%s from the config; the model was trained with %s",
+                    model_dir, image_mode, trained)
     m = cfg.model
     engine = make_engine(model, processor, engine=m.engine, max_rows=m.max_batch_size, admit_wait_s=m.admit_wait_s,
                          compile_decode=m.compile_decode, prefill_tokens=m.prefill_tokens,
-                         prefill_images=m.prefill_images, image_mode=cfg.image_mode)
+                         prefill_images=m.prefill_images, image_mode=image_mode)
     return LoadedModel(model, processor, engine, str(model_dir), model_version(model_dir), context_length(model),
-                       time.time())
+                       time.time(), image_mode)
 
 
 def _error(status: int, message: str, code: str, param: str | None = "messages") -> dict[str, Any]:
@@ -91,7 +99,7 @@ def _prepare(bundle: LoadedModel, item: dict[str, Any], cfg: ServeConfig) -> tup
     if error is not None:
         return None, None, error
     try:
-        prompt = render_prompt(bundle.processor, item["messages"], image_mode=cfg.image_mode)
+        prompt = render_prompt(bundle.processor, item["messages"], image_mode=bundle.image_mode)
     except PromptError as err:
         return None, None, _error(400, str(err), "invalid_messages")
     encoded = encode_prompts(bundle.processor, [prompt])
