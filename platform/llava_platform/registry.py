@@ -77,6 +77,15 @@ def _is_missing(exc: Exception) -> bool:
     return "RESOURCE_DOES_NOT_EXIST" in _error_code(exc) or "NOT_FOUND" in _error_code(exc)
 
 
+# How each database MLflow's registry runs on reports two writers inserting the same row at once:
+# its alias write checks for the row, then inserts it, so concurrent first writes of one alias race.
+_WRITE_CONFLICTS = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry", "database is locked")
+
+
+def _is_write_conflict(exc: Exception) -> bool:
+    return any(marker in str(exc) for marker in _WRITE_CONFLICTS)
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -537,6 +546,25 @@ def _delete_model_tag(client: MlflowClient, name: str, key: str) -> None:
             raise
 
 
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str, attempts: int = 6) -> None:
+    """`set_registered_model_alias`, retried (with jittered backoff) when the registry's database
+    reports a concurrent writer of the same row; any other error is raised at once."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not _is_write_conflict(exc):
+                raise
+            _log.info("%s@%s: concurrent alias write (%s); retrying", name, alias, exc.error_code)
+            time.sleep(random.uniform(0, 0.05 * 2**attempt))
+
+
 def _settle_alias(client: MlflowClient, name: str, alias: str, attempts: int = 20) -> str | None:
     """Point `alias` at the top of its replayed history, then read the history again until it no
     longer changes underneath: the last writer's final read sees every entry, so concurrent
@@ -550,7 +578,7 @@ def _settle_alias(client: MlflowClient, name: str, alias: str, attempts: int = 2
             return None
         target = stack[-1]
         if current_alias_version(name, alias, client=client) != target:
-            client.set_registered_model_alias(name, alias, target)
+            _set_alias(client, name, alias, target)
     raise RegistryError(f"{name}@{alias}: its history kept changing over {attempts} reads; retry the move")
 
 
@@ -698,12 +726,12 @@ def rollback(
     if expect_current is not None and current != str(expect_current):
         if last and last.get("action") == "rollback" and last.get("from") == str(expect_current):
             if current != last.get("to"):
-                client.set_registered_model_alias(name, alias, last["to"])
+                _set_alias(client, name, alias, last["to"])
             return RollbackResult(name, alias, str(expect_current), str(last["to"]), noop=True)
         raise RegistryError(f"{name}@{alias} is {current}, not {expect_current}; refusing to roll back")
     if stack and current != stack[-1] and last and last.get("action") == "rollback":
         # An earlier rollback was recorded but its alias write never landed: finish it, don't repeat it.
-        client.set_registered_model_alias(name, alias, stack[-1])
+        _set_alias(client, name, alias, stack[-1])
         return RollbackResult(name, alias, current, stack[-1], noop=True)
     if current is None:
         raise RegistryError(f"{name} has no {alias!r} alias to roll back")

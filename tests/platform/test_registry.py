@@ -409,6 +409,43 @@ def test_eight_concurrent_promotions_keep_every_history_entry(mlflow_server, tmp
     assert back.to_version == reg.replay_stack(champion, "champion")[-2]
 
 
+class _RacingClient:
+    """A real client whose first alias writes fail as MLflow's server answers when another writer
+    inserted the same alias row a moment earlier (seen in CI with eight concurrent promotions)."""
+
+    def __init__(self, client, conflicts: int, message: str):
+        self._client, self.conflicts, self.message, self.alias_writes = client, conflicts, message, 0
+
+    def __getattr__(self, attr):
+        return getattr(self._client, attr)
+
+    def set_registered_model_alias(self, name, alias, version):
+        from mlflow.exceptions import MlflowException
+
+        self.alias_writes += 1
+        if self.conflicts:
+            self.conflicts -= 1
+            raise MlflowException(self.message, error_code="BAD_REQUEST")
+        return self._client.set_registered_model_alias(name, alias, version)
+
+
+def test_a_concurrent_alias_write_is_retried_and_other_errors_are_not(backend, tmp_path, name):
+    from mlflow.exceptions import MlflowException
+
+    client = backend.client()
+    version = _register(backend, tmp_path, name, "a", {"shapes.accuracy": 0.9, "scienceqa.accuracy": 0.9})
+    racing = _RacingClient(client, 2, "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name")
+    assert reg.promote(name, version, client=racing).promoted
+    assert racing.alias_writes == 3
+    assert reg.current_alias_version(name, "champion", client=client) == version
+
+    other = _register(backend, tmp_path, name, "b", {"shapes.accuracy": 0.95, "scienceqa.accuracy": 0.95})
+    broken = _RacingClient(client, 1, "PERMISSION_DENIED: not allowed")
+    with pytest.raises(MlflowException, match="not allowed"):
+        reg.promote(name, other, client=broken)
+    assert broken.alias_writes == 1
+
+
 def test_default_gate_refuses_an_unevaluated_first_model_unless_forced(backend, tmp_path, name):
     client = backend.client()
     version = _register(backend, tmp_path, name, "a")  # no metric.* tags
