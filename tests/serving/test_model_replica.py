@@ -74,6 +74,35 @@ def test_reload_mid_request_finishes_on_the_old_model(replica_cls, tiny_llava_di
     assert old_engine.load == 0
 
 
+def test_a_stream_that_falls_behind_gets_fewer_larger_chunks_with_the_same_text(replica_cls, tiny_llava_dir):
+    """While the consumer is busy the engine's deltas queue up; the next read sends them as one
+    chunk per answer, and the chunks still add up to the non-streamed answer, logprobs included."""
+    item = _item("describe it", max_new_tokens=24, min_tokens=24, top_logprobs=1)
+
+    async def scenario():
+        rep = replica_cls({"model_uri": str(tiny_llava_dir)})
+        try:
+            whole = await rep.generate(item)
+            prompt_only = rep.stream(item)
+            await prompt_only.__anext__()
+            keeping_up = [ev async for ev in prompt_only]
+            behind = rep.stream(item)
+            await behind.__anext__()
+            await asyncio.sleep(1.5)  # the whole answer is decoded meanwhile
+            late = [ev async for ev in behind]
+            return whole["results"][0], keeping_up, late
+        finally:
+            rep.bundle.engine.close()
+
+    whole, keeping_up, late = asyncio.run(scenario())
+    assert whole["completion_tokens"] == 24
+    for events in (keeping_up, late):
+        assert "".join(ev["delta"] for ev in events) == whole["text"]
+        assert [lp for ev in events for lp in (ev["logprobs"] or [])] == whole["logprobs"]
+        assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 24
+    assert len(late) <= 2  # without coalescing: one event per token, 24
+
+
 def test_watch_swaps_when_the_model_content_changes(replica_cls, tiny_llava_dir, tmp_path):
     model_dir = tmp_path / "served"
     shutil.copytree(tiny_llava_dir, model_dir)

@@ -252,21 +252,25 @@ class ModelRuntime:
             yield {"start": True, "version": submitted["bundle"].version,
                    "prompt_tokens": submitted["requests"][0].prompt_tokens}
             while open_answers:
-                i, event = await events.get()
-                if isinstance(event, BaseException):
-                    yield {"error": _failure(event)}
-                    return
-                if not hasattr(event, "finish_reason"):  # a TextDelta
+                pending = [await events.get()]
+                while not events.empty():
+                    pending.append(events.get_nowait())
+                for out in _coalesced(pending):
+                    if "error" in out:
+                        yield out
+                        return
+                    i, event = out["index"], out["event"]
+                    if out["final"]:
+                        open_answers -= 1
+                        yield {"index": i, "delta": event.text[sent_chars[i]:],
+                               "logprobs": None if event.logprobs is None else event.logprobs[sent_tokens[i]:],
+                               "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+                               "completion_tokens": event.completion_tokens}
+                        continue
                     sent_chars[i] += len(event.text)
                     sent_tokens[i] = event.completion_tokens
                     yield {"index": i, "delta": event.text, "logprobs": event.logprobs, "finish_reason": None,
                            "completion_tokens": event.completion_tokens}
-                    continue
-                open_answers -= 1
-                yield {"index": i, "delta": event.text[sent_chars[i]:],
-                       "logprobs": None if event.logprobs is None else event.logprobs[sent_tokens[i]:],
-                       "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
-                       "completion_tokens": event.completion_tokens}
         finally:
             for req in submitted["requests"]:
                 req.cancel()  # client gone or finished: the rows leave the batch at the next step
@@ -301,3 +305,23 @@ class ModelRuntime:
 def _settle(fut: asyncio.Future, result: Any) -> None:
     if not fut.done():  # the awaiting caller may have been cancelled meanwhile
         fut.set_result(result)
+
+
+def _coalesced(pending: list[tuple[int, Any]]) -> list[dict[str, Any]]:
+    """The engine events that queued up while the stream's consumer was busy, as one event per
+    answer: its text deltas joined, or only its final result when that came too (the result
+    holds the whole text). A consumer that keeps up still gets every token as it comes; one that
+    falls behind (many streams on a busy replica) sends fewer, larger chunks instead of paying the
+    per-chunk cost of the proxy and the client once per token."""
+    from llava.infer.engine import TextDelta
+
+    merged: dict[int, Any] = {}
+    for i, event in pending:
+        if isinstance(event, BaseException):
+            return [{"error": _failure(event)}]
+        before = merged.get(i)
+        if isinstance(event, TextDelta) and isinstance(before, TextDelta):
+            logprobs = None if event.logprobs is None else (before.logprobs or []) + event.logprobs
+            event = TextDelta(before.text + event.text, event.completion_tokens, logprobs)
+        merged[i] = event
+    return [{"index": i, "event": event, "final": not isinstance(event, TextDelta)} for i, event in merged.items()]
