@@ -174,6 +174,22 @@ def grid_position_embeddings(side: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), grid])
 
 
+def tiny_lm_config(tokenizer, *, hidden: int = 128, layers: int = 2) -> LlamaConfig:
+    """The tiny Llama's shape (4 heads, MLP 3x wide, untied head) for `tokenizer`'s vocabulary."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
 def build_tiny_checkpoints(
     out_dir: str | Path,
     *,
@@ -218,18 +234,7 @@ def build_tiny_checkpoints(
     image_processor.save_pretrained(vision_dir)
     tokenizer.save_pretrained(vision_dir)
 
-    lm_cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=text_hidden * 3,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    lm_cfg = tiny_lm_config(tokenizer, hidden=text_hidden, layers=text_layers)
     lm = LlamaForCausalLM(lm_cfg)
     if corpus:
         # Padding is needed only for this batched pre-training; the saved tokenizer has none,
