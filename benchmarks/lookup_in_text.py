@@ -36,7 +36,7 @@ from llava.datagen.rule_teacher import ShortQA, short_answer_items  # noqa: E402
 from llava.datagen.scene import Scene  # noqa: E402
 from llava.eval.report import majority_baseline  # noqa: E402
 from llava.eval.shapes import score_shapes  # noqa: E402
-from llava.model.tiny import build_tiny_tokenizer, tiny_lm_config  # noqa: E402
+from llava.model.tiny import build_tiny_tokenizer, lm_step, tiny_lm_config  # noqa: E402
 
 EMPTY = "<empty>"
 QUESTION_TYPES = ("count", "color", "position")
@@ -126,15 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         for i, (prompt, _, _) in enumerate(batch):  # the answer and its end token are the targets
             labels[i, : len(tok(prompt)["input_ids"])] = -100
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = lm_step(model, opt, sched, enc, labels)
         if step % every == 0 or step == args.steps:
             acc = evaluate(model, tok, rows)
-            print(f"[lookup] step {step}/{args.steps} loss {loss.item():.3f} "
+            print(f"[lookup] step {step}/{args.steps} loss {loss:.3f} "
                   + " ".join(f"{t}={acc[t]:.3f}" for t in QUESTION_TYPES)
                   + f" ({time.perf_counter() - started:.0f}s)", flush=True)
     seconds = time.perf_counter() - started

@@ -84,6 +84,17 @@ def build_tiny_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
     )
 
 
+def lm_step(lm, opt, sched, enc, labels: torch.Tensor) -> float:
+    """One optimiser step of a causal LM on a tokenised batch (gradients clipped at 1); its loss."""
+    loss = lm(**enc, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def pretrain_lm(lm: LlamaForCausalLM, tokenizer, corpus: list[str], *, steps: int, batch: int = 16,
                 lr: float = 3e-3, seed: int = 0) -> list[float]:
     """A short causal-LM pre-training on plain text, so the tiny LM plays the part of a pretrained
@@ -98,13 +109,7 @@ def pretrain_lm(lm: LlamaForCausalLM, tokenizer, corpus: list[str], *, steps: in
         enc = tokenizer([corpus[i] + tokenizer.eos_token for i in pick], return_tensors="pt", padding=True,
                         truncation=True, max_length=64)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = lm(**enc, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(lm_step(lm, opt, sched, enc, labels))
     lm.eval()
     return losses
 
