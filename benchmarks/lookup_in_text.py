@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " ".join(f"{t}={acc[t]:.3f}" for t in QUESTION_TYPES)
                   + f" ({time.perf_counter() - started:.0f}s)", flush=True)
     seconds = time.perf_counter() - started
-    result = {**{f"{t}": acc[t] for t in QUESTION_TYPES}, **{f"majority.{t}": majority[t] for t in QUESTION_TYPES},
+    result = {**{t: acc[t] for t in QUESTION_TYPES}, **{f"majority.{t}": majority[t] for t in QUESTION_TYPES},
               "present_colour": present_colour_guess([(qa, layout) for _, qa, layout in rows]),
               "layers": args.layers, "steps": args.steps, "train_s": seconds}
     print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

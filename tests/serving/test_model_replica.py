@@ -88,7 +88,10 @@ def test_a_stream_that_falls_behind_gets_fewer_larger_chunks_with_the_same_text(
             keeping_up = [ev async for ev in prompt_only]
             behind = rep.stream(item)
             await behind.__anext__()
-            await asyncio.sleep(1.5)  # the whole answer is decoded meanwhile
+            deadline = time.monotonic() + 60
+            while rep.bundle.engine.load and time.monotonic() < deadline:  # decoded while nobody reads
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the answered callbacks reach the stream's queue
             late = [ev async for ev in behind]
             return whole["results"][0], keeping_up, late
         finally:
